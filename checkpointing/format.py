@@ -1,0 +1,237 @@
+"""On-disk format of a Perennial checkpoint: names, dtypes, checksums and the JSON index.
+
+Everything here is plain JSON or raw little-endian tensor bytes; nothing is ever pickled.
+See docs/checkpoint-format.md for the user-facing description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+STATE_FILE = "state.json"
+LATEST_FILE = "latest"
+CHECKSUM_ALGORITHM = "crc32"
+DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+STEP_DIR_PATTERN = re.compile(r"^step-(\d{8,})$")
+
+# safetensors dtype names; the byte order of every file is little endian like the format requires.
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in _SAFETENSORS_DTYPES}
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint on disk is missing data or fails a checksum; the message names the damage."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def shard_file_name(rank: int) -> str:
+    return f"shard-{rank:05d}.safetensors"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {dtype} cannot be stored in a checkpoint")
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES_BY_NAME:
+        raise ValueError(f"unknown dtype {name!r} in checkpoint index")
+    return _DTYPES_BY_NAME[name]
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    dtype_name(dtype)
+    return _SAFETENSORS_DTYPES[dtype]
+
+
+def block_checksums(data: memoryview | bytes, block_size: int) -> list[int]:
+    """crc32 of each `block_size` piece of `data`, counted from the start of `data`."""
+    return [zlib.crc32(data[i : i + block_size]) for i in range(0, len(data), block_size)]
+
+
+def safetensors_header(entries: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
+    """Length prefix + JSON header for (name, dtype, shape, nbytes) entries laid out back to back.
+
+    The header is padded with spaces to a multiple of 8 bytes so tensor data stays aligned.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "perennial"}}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {
+            "dtype": safetensors_dtype(dtype),
+            "shape": shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+@dataclass(frozen=True)
+class SavedBox:
+    """One saved shard of a logical tensor: a box of the global tensor and where its bytes live."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    byte_offset: int
+    byte_length: int
+    block_crc32: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "offsets": list(self.offsets),
+            "sizes": list(self.sizes),
+            "file": self.file,
+            "byte_offset": self.byte_offset,
+            "byte_length": self.byte_length,
+            "block_crc32": list(self.block_crc32),
+        }
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> SavedBox:
+        return SavedBox(
+            offsets=tuple(int(x) for x in obj["offsets"]),
+            sizes=tuple(int(x) for x in obj["sizes"]),
+            file=str(obj["file"]),
+            byte_offset=int(obj["byte_offset"]),
+            byte_length=int(obj["byte_length"]),
+            block_crc32=tuple(int(x) for x in obj["block_crc32"]),
+        )
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    boxes: tuple[SavedBox, ...]
+    layout: dict[str, Any] | None
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """The parsed index.json of one checkpoint."""
+
+    step: int
+    world_size: int
+    block_size: int
+    files: dict[str, dict[str, int]]  # name -> {"size": bytes, "header_crc32": crc}
+    tensors: dict[str, SavedTensor]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "world_size": self.world_size,
+            "checksum": CHECKSUM_ALGORITHM,
+            "block_size": self.block_size,
+            "files": self.files,
+            "tensors": {
+                name: {
+                    "shape": list(t.shape),
+                    "dtype": dtype_name(t.dtype),
+                    "layout": t.layout,
+                    "shards": [box.to_json() for box in t.boxes],
+                }
+                for name, t in sorted(self.tensors.items())
+            },
+        }
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> CheckpointIndex:
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint format version {version!r}")
+        if obj.get("checksum") != CHECKSUM_ALGORITHM:
+            raise ValueError(f"unsupported checksum algorithm {obj.get('checksum')!r}")
+        tensors = {
+            name: SavedTensor(
+                shape=tuple(int(x) for x in t["shape"]),
+                dtype=dtype_from_name(t["dtype"]),
+                boxes=tuple(SavedBox.from_json(box) for box in t["shards"]),
+                layout=t.get("layout"),
+            )
+            for name, t in obj["tensors"].items()
+        }
+        files = {name: {k: int(v) for k, v in f.items()} for name, f in obj["files"].items()}
+        return CheckpointIndex(
+            step=int(obj["step"]),
+            world_size=int(obj["world_size"]),
+            block_size=int(obj["block_size"]),
+            files=files,
+            tensors=tensors,
+        )
+
+
+def read_index(checkpoint: Path) -> CheckpointIndex:
+    """Parse index.json; raises CheckpointDamaged when it is missing or not a valid index."""
+    obj = read_json(checkpoint / INDEX_FILE)
+    try:
+        return CheckpointIndex.from_json(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointDamaged(f"{INDEX_FILE} is not a valid checkpoint index: {err}") from err
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointDamaged(f"{path.name} is missing") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointDamaged(f"{path.name} is not valid JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointDamaged(f"{path.name} does not hold a JSON object")
+    return obj
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (row-major), without a copy when contiguous."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def write_json_durably(path: Path, obj: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n

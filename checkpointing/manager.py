@@ -1,0 +1,229 @@
+"""CheckpointManager: save sharded, load into any parallel layout, fall back past damage."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from checkpointing import collectives
+from checkpointing.commit import (
+    commit,
+    find_loadable,
+    is_checkpoint_dir,
+    new_temp_dir_name,
+    prune,
+    remove_stale_temp_dirs,
+    resolve_root,
+    structural_problem,
+)
+from checkpointing.format import (
+    DEFAULT_BLOCK_SIZE,
+    FORMAT_VERSION,
+    STATE_FILE,
+    CheckpointIndex,
+    read_index,
+    read_json,
+    step_dir_name,
+)
+from checkpointing.layout import Layout, check_layout_compatible, to_logical, zero_padding
+from checkpointing.storage import (
+    SafetensorsShardWriter,
+    ShardViewLoadPlanner,
+    ShardViewSavePlanner,
+    VerifyingShardReader,
+)
+
+
+@dataclass
+class LoadResult:
+    """What a load restored. `rank_states[r]` is the rank_state saved by rank r."""
+
+    path: Path
+    step: int
+    global_state: dict[str, Any]
+    rank_states: list[dict[str, Any]]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class CheckpointManager:
+    """Saves and loads universal checkpoints under `root_dir` (see docs/checkpoint-format.md).
+
+    Uses `process_group` (default: the default group when initialised, else single-process).
+    `layouts` declares tensors whose in-memory form differs from the saved logical form.
+    """
+
+    def __init__(
+        self,
+        root_dir: str | os.PathLike,
+        keep: int = 3,
+        layouts: Sequence[Layout] = (),
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        if block_size <= 0 or block_size % 64:
+            raise ValueError(f"block_size must be a positive multiple of 64, got {block_size}")
+        self.root = Path(root_dir)
+        self.keep = keep
+        self.layouts = tuple(layouts)
+        self.block_size = block_size
+        self.group = process_group
+
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        global_state: dict[str, Any] | None = None,
+        rank_state: dict[str, Any] | None = None,
+    ) -> Path:
+        """Collective: write `tensors` (plain or DTensor) and JSON state as checkpoint `step`.
+
+        Every rank passes its own view of the same keys; replicated tensors are written once.
+        `global_state` is taken from rank 0, `rank_state` from every rank. Returns the committed
+        directory after it is durable and `latest` points at it.
+        """
+        _check_tensors(tensors)
+        global_state = _checked_json(global_state or {}, "global_state")
+        rank_state = _checked_json(rank_state or {}, "rank_state")
+        rank_states = collectives.all_gather_strings(json.dumps(rank_state), self.group)
+        temp_name = collectives.broadcast_string(new_temp_dir_name(step), self.group)
+        temp_dir = self.root / temp_name
+        if collectives.rank(self.group) == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_dirs(self.root, keep_name=temp_name)
+            temp_dir.mkdir()
+        collectives.barrier(self.group)
+        logical, layout_records = to_logical(tensors, self.layouts)
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": collectives.world_size(self.group),
+            "global_state": global_state,
+            "rank_states": [json.loads(s) for s in rank_states],
+        }
+        writer = SafetensorsShardWriter(temp_dir, step, self.block_size, layout_records, state)
+        # Returns on every rank only after all shards are fsynced and index.json is written.
+        with self._dcp_quiet():
+            dcp.save(logical, storage_writer=writer, planner=ShardViewSavePlanner(), **self._dcp())
+        return self._commit(temp_dir, step)
+
+    def _commit(self, temp_dir: Path, step: int) -> Path:
+        problem = None
+        if collectives.rank(self.group) == 0:
+            try:
+                commit(self.root, temp_dir, step)
+                prune(self.root, self.keep)
+            except OSError as err:
+                problem = f"committing {temp_dir} failed: {err}"
+        problem = collectives.agree_on_problem(problem, self.group)
+        if problem:
+            raise RuntimeError(problem)
+        return self.root / step_dir_name(step)
+
+    def load_latest(self, tensors: dict[str, torch.Tensor]) -> LoadResult | None:
+        """Collective: load the newest intact checkpoint under the root into `tensors` in place.
+
+        Damaged checkpoints (failing the structural check on any rank, or a missing file, short
+        read or checksum mismatch on any rank) are skipped and listed in `.skipped` with the
+        reason. Returns None when nothing is loadable; `tensors` may then be partly overwritten.
+        """
+        return self._load_newest(self.root, tensors)
+
+    def load(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> LoadResult | None:
+        """Collective: load a checkpoint dir (damage raises ValueError), or the newest intact one
+        under a checkpoint root / run dir (like load_latest).
+
+        Only the keys of `tensors` are loaded (e.g. pass only model tensors for a warm start);
+        a requested key missing from the checkpoint raises ValueError naming it.
+        """
+        path = Path(path)
+        if not is_checkpoint_dir(path):
+            return self._load_newest(resolve_root(path), tensors)
+        problem = self._agree(structural_problem(path)) or self._read_into(path, tensors)
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
+        return self._result(path, [])
+
+    def _load_newest(self, root: Path, tensors: dict[str, torch.Tensor]) -> LoadResult | None:
+        names = collectives.broadcast_string(
+            json.dumps([c.path.name for c in find_loadable(root)]), self.group
+        )
+        skipped: list[tuple[Path, str]] = []
+        for path in (root / name for name in json.loads(names)):
+            problem = self._agree(structural_problem(path)) or self._read_into(path, tensors)
+            if problem is None:
+                return self._result(path, skipped)
+            skipped.append((path, problem))
+        return None
+
+    def _read_into(self, path: Path, tensors: dict[str, torch.Tensor]) -> str | None:
+        index = read_index(path)
+        logical, declared = to_logical(tensors, self.layouts)
+        _validate_request(path, index, logical, declared)
+        zero_padding(tensors, self.layouts)
+        reader = VerifyingShardReader(path, index)
+        with self._dcp_quiet():
+            dcp.load(logical, storage_reader=reader, planner=ShardViewLoadPlanner(), **self._dcp())
+        return self._agree(reader.damage)
+
+    def _result(self, path: Path, skipped: list[tuple[Path, str]]) -> LoadResult:
+        state = read_json(path / STATE_FILE)
+        return LoadResult(
+            path=path,
+            step=int(state["step"]),
+            global_state=state["global_state"],
+            rank_states=state["rank_states"],
+            skipped=skipped,
+        )
+
+    def _agree(self, problem: str | None) -> str | None:
+        return collectives.agree_on_problem(problem, self.group)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _dcp_quiet():
+        with warnings.catch_warnings():  # single-process use is intended, not a misconfiguration
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+
+    def _dcp(self) -> dict[str, Any]:
+        return {"process_group": self.group, "no_dist": not collectives.is_distributed(self.group)}
+
+
+def _validate_request(path: Path, index: CheckpointIndex, logical: dict, declared: dict) -> None:
+    for name, value in logical.items():
+        saved = index.tensors.get(name)
+        if saved is None:
+            raise ValueError(f"tensor {name!r} is not in checkpoint {path}")
+        if tuple(value.size()) != saved.shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(value.size())} but checkpoint {path} "
+                f"saved shape {saved.shape}"
+            )
+        check_layout_compatible(name, saved.layout, declared.get(name))
+
+
+def _check_tensors(tensors: dict[str, Any]) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{name!r} is a {type(value).__name__}, not a tensor; pass it in global_state"
+            )
+
+
+def _checked_json(obj: dict[str, Any], what: str) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(obj, allow_nan=True))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} is not JSON-serialisable: {err}") from err

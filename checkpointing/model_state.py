@@ -1,0 +1,93 @@
+"""Flatten a model + optimizer into the flat `tensors` dict CheckpointManager saves, and back.
+
+Keys are the plain model's parameter names (DDP `module.`, activation-checkpoint and
+torch.compile prefixes are stripped by torch.distributed.checkpoint.state_dict):
+
+    model.<fqn>                               parameters and buffers
+    optimizer.state.<fqn>.<name>              e.g. exp_avg, exp_avg_sq, step
+    optimizer.param_groups.<fqn>.<name>       hyperparameters: JSON, never tensors (no pickle)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+MODEL_PREFIX = "model."
+OPTIMIZER_PREFIX = "optimizer."
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.<fqn>` -> parameter/buffer (DTensor under FSDP2/TP), sharing storage with it."""
+    return {MODEL_PREFIX + k: v for k, v in get_model_state_dict(model).items()}
+
+
+def optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(`optimizer.*` tensors, JSON-able non-tensor entries such as lr/betas/weight_decay).
+
+    Lazy optimizer state is initialised, so a fresh optimizer can be loaded into.
+    """
+    flat = get_optimizer_state_dict(model, optimizer, options=_FLAT)
+    tensors, values = {}, {}
+    for key, value in flat.items():
+        if isinstance(value, torch.Tensor):
+            tensors[OPTIMIZER_PREFIX + key] = value
+        else:
+            values[OPTIMIZER_PREFIX + key] = _to_json(key, value)
+    return tensors, values
+
+
+def apply_model_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True
+) -> None:
+    """Copy the `model.*` entries of `tensors` into `model` (any parallel layout)."""
+    state = {k.removeprefix(MODEL_PREFIX): v for k, v in tensors.items() if _is_model(k)}
+    set_model_state_dict(model, state, options=StateDictOptions(strict=strict))
+
+
+def apply_optimizer_tensors(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    values: dict[str, Any],
+) -> None:
+    """Restore the optimizer from `optimizer.*` tensors plus the JSON entries from
+    optimizer_tensors (lists become tuples where the optimizer holds a tuple, e.g. betas)."""
+    current = get_optimizer_state_dict(model, optimizer, options=_FLAT)
+    state: dict[str, Any] = {}
+    for key, value in tensors.items():
+        if key.startswith(OPTIMIZER_PREFIX):
+            state[key.removeprefix(OPTIMIZER_PREFIX)] = value
+    for key, value in values.items():
+        name = key.removeprefix(OPTIMIZER_PREFIX)
+        state[name] = tuple(value) if isinstance(current.get(name), tuple) else value
+    missing = sorted(set(current) - set(state))
+    if missing:
+        raise ValueError(f"optimizer state is missing {missing[:5]}")
+    set_optimizer_state_dict(model, optimizer, state, options=_FLAT)
+
+
+def _is_model(key: str) -> bool:
+    return key.startswith(MODEL_PREFIX)
+
+
+def _to_json(key: str, value: Any) -> Any:
+    value = list(value) if isinstance(value, tuple) else value
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"optimizer entry {key!r} is not JSON-serialisable: {err}") from err
+    return value

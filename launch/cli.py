@@ -1,0 +1,45 @@
+"""The `perennial` console script."""
+
+from __future__ import annotations
+
+import sys
+
+from launch.args import UsageError, one_line
+
+USAGE = """usage: perennial COMMAND ...
+
+commands:
+  train [CONFIG] [key=value ...] [--nproc N] [--max-restarts K] [--dry-run]
+  ckpt {inspect,verify,export} PATH ...
+  schedule [CONFIG] [key=value ...] [--plot OUT.png]
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from launch.train_command import train_command
+
+            return train_command(rest)
+        if command == "ckpt":
+            from checkpointing.cli import main as ckpt_main
+
+            return ckpt_main(rest)
+        if command == "schedule":
+            from launch.schedule_command import schedule_command
+
+            return schedule_command(rest)
+    except (UsageError, ValueError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`perennial train`: validate, then train in this process or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from launch.args import parse_job_args
+from trainer.config_loader import load_config, to_yaml, validate_layout
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=1, help="worker processes on this node")
+    parser.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts on failure")
+    parser.add_argument("--nnodes", default="1", help="nodes (torchrun syntax, e.g. 2 or 1:4)")
+    parser.add_argument("--rdzv-endpoint", default="", help="host:port of the c10d rendezvous")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def train_command(argv: list[str]) -> int:
+    args = parse_job_args(argv, prog="perennial train", add_flags=_add_flags)
+    flags = args.flags
+    if flags.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {flags.nproc}")
+    cfg = load_config(args.config, args.overrides)
+    validate_layout(cfg, flags.nproc * _min_nodes(flags.nnodes))
+    if flags.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    if flags.nproc == 1 and flags.nnodes == "1" and flags.max_restarts == 0:
+        from trainer.__main__ import main as worker_main
+
+        return worker_main(argv_for_worker(args))
+    return _run_torchrun(flags, argv_for_worker(args))
+
+
+def argv_for_worker(args) -> list[str]:
+    return ([args.config] if args.config else []) + list(args.overrides)
+
+
+def _min_nodes(nnodes: str) -> int:
+    try:
+        return int(nnodes.split(":")[0])
+    except ValueError:
+        raise ValueError(f"--nnodes must be N or MIN:MAX, got {nnodes!r}") from None
+
+
+def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(flags.nproc)]
+    cmd += ["--max-restarts", str(flags.max_restarts)]
+    if flags.nnodes == "1" and not flags.rdzv_endpoint:
+        cmd += ["--standalone"]
+    else:
+        cmd += ["--nnodes", flags.nnodes, "--rdzv-backend", "c10d"]
+        cmd += ["--rdzv-endpoint", flags.rdzv_endpoint or "localhost:29500"]
+    return cmd + ["-m", "trainer", *worker_argv]
+
+
+def _run_torchrun(flags, worker_argv: list[str]) -> int:
+    code = subprocess.call(torchrun_command(flags, worker_argv))
+    if code != 0:
+        print(
+            f"error: training failed (torchrun exit code {code}); see the worker output above",
+            file=sys.stderr,
+        )
+    return code

@@ -1,0 +1,182 @@
+"""Damage and crashes: fall back to the previous good checkpoint, never load a bad one."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from checkpointing import CheckpointManager, find_loadable
+from checkpointing.cli import main as ckpt
+from tests.distributed import run_distributed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tensors_for(step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return {"model.w": torch.randn(41, 17, generator=gen), "model.b": torch.randn(5, generator=gen)}
+
+
+def save_two(root: Path) -> CheckpointManager:
+    mgr = CheckpointManager(root, block_size=256)
+    for step in (1, 2):
+        mgr.save(step, tensors_for(step), {"step": step})
+    return mgr
+
+
+def assert_falls_back(mgr: CheckpointManager, *reason_words: str) -> None:
+    loaded = {name: torch.zeros_like(t) for name, t in tensors_for(1).items()}
+    result = mgr.load_latest(loaded)
+    assert result.step == 1 and result.global_state == {"step": 1}
+    assert [path.name for path, _ in result.skipped] == ["step-00000002"]
+    for word in reason_words:
+        assert word in result.skipped[0][1], result.skipped[0][1]
+    for name, value in tensors_for(1).items():
+        assert torch.equal(loaded[name], value), name
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_shard(tmp_path, capsys):
+    mgr = save_two(tmp_path)
+    shard = tmp_path / "step-00000002" / "shard-00000.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    assert_falls_back(mgr, "shard-00000.safetensors", "truncated")
+    assert find_loadable(tmp_path)[0].problem is not None
+    assert ckpt(["verify", str(tmp_path / "step-00000002")]) == 1
+    out = capsys.readouterr().out
+    assert "shard-00000.safetensors" in out and "'model.w'" in out
+
+
+def test_flipped_byte(tmp_path, capsys):
+    mgr = save_two(tmp_path)
+    shard = tmp_path / "step-00000002" / "shard-00000.safetensors"
+    flip_byte(shard, shard.stat().st_size - 50)  # inside model.w's data, the last tensor
+    assert find_loadable(tmp_path)[0].problem is None  # structurally fine, caught on read
+    assert_falls_back(mgr, "checksum mismatch", "shard-00000.safetensors", "model.w")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        mgr.load(tmp_path / "step-00000002", tensors_for(2))
+    assert ckpt(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "shard-00000.safetensors" in out and "'model.w'" in out
+    assert ckpt(["verify", str(tmp_path / "step-00000001")]) == 0
+
+
+def test_deleted_index(tmp_path, capsys):
+    mgr = save_two(tmp_path)
+    (tmp_path / "step-00000002" / "index.json").unlink()
+    assert_falls_back(mgr, "index.json is missing")
+    assert ckpt(["verify", str(tmp_path)]) == 1
+    assert "index.json" in capsys.readouterr().out
+
+
+class _Marker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_loading_never_unpickles(tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(marker))
+    root = tmp_path / "ckpt"
+    mgr = save_two(root)
+    mgr.save(3, tensors_for(3), {"step": 3})
+    (root / "step-00000003" / "index.json").write_bytes(payload)
+    shard = root / "step-00000002" / "shard-00000.safetensors"
+    shard.write_bytes(payload + b"\0" * (shard.stat().st_size - len(payload)))
+    (root / "step-00000001" / ".metadata").write_bytes(payload)  # what DCP itself would read
+    loaded = {name: torch.zeros_like(t) for name, t in tensors_for(1).items()}
+    result = mgr.load_latest(loaded)
+    assert result.step == 1 and len(result.skipped) == 2
+    assert "index.json is not valid JSON" in result.skipped[0][1]
+    assert "checksum mismatch" in result.skipped[1][1]
+    assert ckpt(["inspect", str(root / "step-00000003")]) == 2
+    assert not marker.exists()
+
+
+_WRITER = """
+import os, sys, time, torch
+from checkpointing import CheckpointManager
+root, signal_file, stage = sys.argv[1:]
+mgr = CheckpointManager(root)
+mgr.save(1, {"model.w": torch.ones(3)})
+real = {"fsync": os.fsync, "rename": os.rename}
+def stall(*args):
+    open(signal_file, "w").close()
+    time.sleep(600)
+setattr(os, stage, stall)  # the crash point: writing shards (fsync) or committing (rename)
+mgr.save(2, {"model.w": torch.zeros(3), "model.big": torch.randn(2_000_000)})
+"""
+
+
+@pytest.mark.parametrize("stage", ["fsync", "rename"])
+def test_writer_killed_mid_commit(tmp_path, stage):
+    root, signal_file = tmp_path / "ckpt", tmp_path / "stalled"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(root), str(signal_file), stage], env=env
+    )
+    deadline = time.monotonic() + 120
+    while not signal_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert signal_file.exists(), "writer never reached the crash point"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (root / "latest").read_text().strip() == "step-00000001"
+    assert any(p.name.startswith(".tmp-step-00000002") for p in root.iterdir())
+    loaded = {"model.w": torch.zeros(3)}
+    mgr = CheckpointManager(root)
+    result = mgr.load_latest(loaded)
+    assert result.step == 1 and not result.skipped and torch.equal(loaded["model.w"], torch.ones(3))
+    mgr.save(3, {"model.w": torch.ones(3)})
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+
+def _flip_on_rank1_rank(root: Path) -> dict:
+    """FSDP-style sharded tensors on 2 ranks; damage a block only rank 1 reads."""
+    mesh = init_device_mesh("cpu", (2,))
+    mgr = CheckpointManager(root, block_size=256)
+    for step in (1, 2):
+        full = tensors_for(step)
+        sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
+        mgr.save(step, sharded, {"step": step})
+    if dist.get_rank() == 0:
+        shard = root / "step-00000002" / "shard-00001.safetensors"
+        flip_byte(shard, shard.stat().st_size - 10)
+    dist.barrier()
+    target = {
+        k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)])
+        for k, v in tensors_for(1).items()
+    }
+    result = mgr.load_latest(target)
+    for name, value in tensors_for(1).items():
+        assert isinstance(target[name], DTensor)
+        assert torch.equal(target[name].full_tensor(), value), name
+    return {"step": result.step, "skipped": [(p.name, why) for p, why in result.skipped]}
+
+
+def test_any_rank_damage_makes_all_ranks_fall_back(tmp_path):
+    results = run_distributed(_flip_on_rank1_rank, 2, args=(tmp_path,))
+    for result in results:
+        assert result["step"] == 1
+        [(name, why)] = result["skipped"]
+        assert name == "step-00000002"
+        assert "checksum mismatch" in why and "shard-00001.safetensors" in why and "rank 1" in why

@@ -1,0 +1,48 @@
+"""Run `perennial train` as users do (a subprocess; torchrun for --nproc > 1) on a tiny job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_job(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
+    return [
+        f"run.dir={run_dir}",
+        f"data.cache_dir={cache_dir}",
+        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "data.seq_len=32", "train.global_batch_size=12", "train.micro_batch_size=2",
+        "train.log_interval=1", "eval.interval=0", "schedule.warmup_steps=2",
+        "log.progress=false", "optim.lr=3e-3",
+        *overrides,
+    ]
+
+
+def perennial(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"perennial {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def train(run_dir: Path, cache_dir: Path, nproc: int = 1, *overrides: str) -> list[dict]:
+    perennial("train", *tiny_job(run_dir, cache_dir, *overrides), "--nproc", str(nproc))
+    return metrics(run_dir)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records}

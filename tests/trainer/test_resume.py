@@ -1,0 +1,80 @@
+"""Automatic resume: bitwise on the same layout, within fp32 tolerance on another one, and
+falling back past a damaged checkpoint."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer.runs import losses, metrics, perennial, train
+
+# The schedule is 8 steps long whatever step a run stops at, so a resumed run is the same job.
+JOB = ["schedule.total_steps=8", "checkpoint.persist_interval=4"]
+
+
+def final_weights(run_dir, tmp_path):
+    out = tmp_path / f"{run_dir.name}-export.safetensors"
+    perennial("ckpt", "export", str(run_dir), str(out), "--format", "safetensors")
+    return load_file(out)
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("reference")
+    records = train(run_dir, data_cache, 1, *JOB, "train.max_steps=8")
+    return run_dir, records
+
+
+def test_same_layout_resume_is_bitwise(tmp_path, data_cache, reference):
+    ref_dir, ref_records = reference
+    run_dir = tmp_path / "run"
+    train(run_dir, data_cache, 1, *JOB, "train.max_steps=4")
+    records = train(run_dir, data_cache, 1, *JOB, "train.max_steps=8")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert losses(records) == losses(ref_records)
+    assert_bitwise_equal(final_weights(run_dir, tmp_path), final_weights(ref_dir, tmp_path))
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ((2, "parallel.strategy=ddp"), (3, "parallel.strategy=fsdp")),
+        ((2, "parallel.tp=2"), (1, "parallel.strategy=ddp")),
+    ],
+    ids=["ddp2-to-fsdp3", "tp2-to-ddp1"],
+)
+def test_resume_on_another_layout(tmp_path, data_cache, reference, first, second):
+    _, ref_records = reference
+    train(tmp_path, data_cache, first[0], *JOB, first[1], "train.max_steps=4")
+    records = train(tmp_path, data_cache, second[0], *JOB, second[1], "train.max_steps=8")
+    torch.testing.assert_close(losses(records), losses(ref_records), rtol=1e-4, atol=1e-4)
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path, data_cache, reference):
+    ref_dir, ref_records = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    shard = next((run_dir / "checkpoints" / "step-00000008").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    verify = perennial("ckpt", "verify", str(run_dir), check=False)
+    assert verify.returncode != 0 and shard.name in verify.stdout + verify.stderr
+
+    proc = perennial("train", *_job(run_dir, data_cache), "train.max_steps=8")
+    assert "step-00000008" in proc.stderr and "step-00000004" in proc.stderr
+    assert losses(metrics(run_dir)) == losses(ref_records)
+    assert_bitwise_equal(final_weights(run_dir, tmp_path), final_weights(ref_dir, tmp_path))
+
+
+def _job(run_dir, data_cache):
+    from tests.trainer.runs import tiny_job
+
+    return tiny_job(run_dir, data_cache, *JOB)

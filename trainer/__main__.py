@@ -1,0 +1,35 @@
+"""Worker entry point: `python -m trainer [CONFIG] [key=value ...]`.
+
+This is what `perennial train --nproc N` runs under torchrun, and what users put under their
+own `torchrun` or `srun`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from launch.args import one_line, parse_job_args
+from trainer.config_loader import load_config, validate_layout
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_job_args(argv if argv is not None else sys.argv[1:], prog="python -m trainer")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    from trainer.train import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

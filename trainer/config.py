@@ -1,0 +1,122 @@
+"""The job configuration: typed dataclasses whose defaults are the embedded default job.
+
+Loaded from YAML with omegaconf, overridden with `key=value` arguments, validated before any
+process group starts; every error names the key it is about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.data.config import DataConfig
+from trainer.model.config import ModelConfig
+from trainer.schedule import ScheduleConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl and checkpoints/ live here."""
+    name: str = ""
+    """Run name for loggers; empty = the run directory's base name."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer step at which this run stops (the schedule may be longer)."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, whatever the world size."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; gradient accumulation fills the rest."""
+    seed: int = 1234
+    """Seeds weight init, the data order and the per-rank RNG streams."""
+    log_interval: int = 10
+    """Steps between metric lines (the first and last step are always logged)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    device: str = "auto"
+    """auto (cuda when available), cuda or cpu."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer; only adamw."""
+    lr: float = 3e-3
+    """Peak learning rate (the schedule scales it)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms)."""
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "fsdp"
+    """Data parallelism: fsdp (FSDP2 fully_shard) or ddp."""
+    tp: int = 1
+    """Tensor-parallel degree; the data-parallel degree is world_size / tp."""
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    """Write checkpoints at all."""
+    dir: str = ""
+    """Checkpoint root; empty = <run.dir>/checkpoints."""
+    persist_interval: int = 100
+    """Steps between committed on-disk checkpoints (the last step is always committed)."""
+    keep: int = 3
+    """Committed checkpoints kept on disk; older ones are deleted after a new commit."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100
+    """Steps between evaluations on held-out data (and at the last step); 0 disables."""
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "perennial"
+    """W&B project name."""
+    progress: bool = True
+    """Show a progress bar on rank 0 between metric lines."""
+
+
+@dataclass
+class InitConfig:
+    from_: str = ""
+    """Warm start (`init.from`): a checkpoint or run directory whose weights start this run."""
+    load_optimizer: bool = False
+    """With init.from: also load the optimizer state (otherwise it starts fresh)."""
+    load_schedule: bool = False
+    """With init.from: continue the source's schedule step instead of starting at 0."""
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    init: InitConfig = field(default_factory=InitConfig)

@@ -1,0 +1,164 @@
+"""Load, override, resolve and validate a `JobConfig`; write it back as YAML."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.config import JobConfig
+
+# Config keys that are Python keywords live under another attribute name.
+_KEYWORD_KEYS = {"init.from": "init.from_"}
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
+    """The default job, then the YAML file at `path`, then `key=value` overrides, resolved
+    and validated (world-size checks come later, in `validate_layout`)."""
+    layers = [OmegaConf.structured(JobConfig)]
+    if path is not None:
+        layers.append(_load_yaml(Path(path)))
+    layers.append(_parse_overrides(overrides))
+    try:
+        cfg: JobConfig = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        raise ValueError(_describe(err)) from None
+    resolve_defaults(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _load_yaml(path: Path):
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # noqa: BLE001 - any YAML problem is the user's file
+        raise ValueError(f"config file {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections")
+    return OmegaConf.create(_rename_keyword_keys(raw))
+
+
+def _rename_keyword_keys(raw: dict) -> dict:
+    for public, internal in _KEYWORD_KEYS.items():
+        section, key = public.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][internal.split(".")[1]] = raw[section].pop(key)
+    return raw
+
+
+def _parse_overrides(overrides: list[str]):
+    dotlist = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        dotlist.append(f"{_KEYWORD_KEYS.get(key, key)}={value}")
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as err:
+        raise ValueError(_describe(err)) from None
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    for public, internal in _KEYWORD_KEYS.items():
+        key = key.replace(internal, public)
+    message = str(err).splitlines()[0]
+    if "not in" in message or "Key" in message and "not" in message:
+        return f"unknown config key {key!r}"
+    return f"config key {key!r}: {message}" if key else f"config: {message}"
+
+
+def resolve_defaults(cfg: JobConfig) -> None:
+    """Fill values that default to other values."""
+    if cfg.schedule.total_steps is None:
+        cfg.schedule.total_steps = cfg.train.max_steps
+    if not cfg.checkpoint.dir:
+        cfg.checkpoint.dir = str(Path(cfg.run.dir) / "checkpoints")
+    if not cfg.run.name:
+        cfg.run.name = Path(cfg.run.dir).name
+
+
+def validate(cfg: JobConfig) -> None:
+    """Checks that need no world size. Raises ValueError naming the key."""
+    cfg.model.validate()
+    cfg.data.validate()
+    cfg.schedule.validate(cfg.optim.lr)
+    train = cfg.train
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        if getattr(train, key) <= 0:
+            raise ValueError(f"train.{key} must be > 0, got {getattr(train, key)}")
+    if train.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(
+            f"train.mixed_precision must be auto, bf16 or fp32, got {train.mixed_precision!r}"
+        )
+    if train.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {train.device!r}")
+    if cfg.optim.name != "adamw":
+        raise ValueError(f"optim.name: unknown optimizer {cfg.optim.name!r}; available: adamw")
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.parallel.strategy not in ("fsdp", "ddp"):
+        raise ValueError(f"parallel.strategy must be fsdp or ddp, got {cfg.parallel.strategy!r}")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})"
+        )
+    if cfg.checkpoint.persist_interval <= 0 or cfg.checkpoint.keep <= 0:
+        raise ValueError("checkpoint.persist_interval and checkpoint.keep must be > 0")
+    _validate_tp(cfg)
+
+
+def _validate_tp(cfg: JobConfig) -> None:
+    tp = cfg.parallel.tp
+    if tp < 1:
+        raise ValueError(f"parallel.tp must be >= 1, got {tp}")
+    if tp == 1:
+        return
+    for key in ("n_heads", "n_kv_heads"):
+        if getattr(cfg.model, key) % tp:
+            raise ValueError(
+                f"model.{key} ({getattr(cfg.model, key)}) is not divisible by parallel.tp ({tp})"
+            )
+    if cfg.parallel.strategy == "ddp":
+        raise ValueError("parallel.tp > 1 needs parallel.strategy=fsdp (DDP is data-parallel only)")
+    if cfg.model.tie_embeddings:
+        raise ValueError("model.tie_embeddings is not supported with parallel.tp > 1")
+
+
+def validate_layout(cfg: JobConfig, world_size: int) -> None:
+    """Checks that depend on the number of processes."""
+    tp = cfg.parallel.tp
+    if world_size % tp:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tp ({tp})")
+    dp = world_size // tp
+    per_step = dp * cfg.train.micro_batch_size
+    if cfg.train.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) is not divisible by "
+            f"data-parallel size ({dp}) × train.micro_batch_size ({cfg.train.micro_batch_size})"
+        )
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for public, internal in _KEYWORD_KEYS.items():
+        section, key = internal.split(".")
+        container[section] = {
+            (public.split(".")[1] if k == key else k): v for k, v in container[section].items()
+        }
+    return OmegaConf.to_yaml(OmegaConf.create(container))
+
+
+def save_config(cfg: JobConfig, run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path

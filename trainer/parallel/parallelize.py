@@ -1,0 +1,109 @@
+"""Turn a plain model into a parallel one, in one fixed order.
+
+1. Tensor parallelism: parameters become DTensors sharded over the `tp` sub-mesh. It goes
+   first because FSDP2 must then shard those DTensors again over `dp` (a 2-D layout).
+2. Activation checkpointing: wraps whole blocks, after TP, so the recomputed forward runs the
+   TP-sharded modules.
+3. torch.compile per block, after checkpointing, so each compiled region includes it.
+4. Data parallelism last: FSDP2 `fully_shard` per block and then the root (each block's
+   all-gather overlaps the previous block's compute), or DDP over the `dp` sub-mesh.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.parallel.dims import ParallelDims
+
+
+def parallelize_llama(
+    model: nn.Module,
+    dims: ParallelDims,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    param_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    if dims.tp_enabled:
+        apply_tp(model, dims["tp"])
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if dims.strategy == "fsdp":
+        apply_fsdp(model, dims["dp"], param_dtype)
+        return model
+    assert dims.strategy == "ddp", dims.strategy
+    return apply_ddp(model, dims["dp"]) if dims.dp > 1 else model
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style column/row sharding: q/k/v and w1/w3 split the heads / hidden units,
+    wo and w2 reduce; embedding and output split the vocabulary and return replicated
+    activations, so norms and the loss need no change."""
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Replicate()
+            ),
+            "output": ColwiseParallel(output_layouts=Replicate()),
+        },
+    )
+    block_plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(),
+    }
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    for name, block in model.layers.items():
+        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module) -> None:
+    for name, block in model.layers.items():
+        model.layers[name] = torch.compile(block, fullgraph=True)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = list(model.layers.values())
+    for index, block in enumerate(blocks):
+        # The last block's parameters are gathered again by the root at backward start anyway.
+        reshard = index < len(blocks) - 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return DistributedDataParallel(
+        model, process_group=dp_mesh.get_group(), device_ids=device_ids, bucket_cap_mb=100
+    )
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the gradient reduction on all but the last micro batch of a step."""
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)

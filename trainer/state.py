@@ -1,0 +1,161 @@
+"""Everything a bitwise resume needs, and its trip through the checkpoint layer.
+
+The trainer owns: model and optimizer tensors (keyed by the plain model's parameter names),
+the schedule's parameters, the data stream's global cursor, per-rank RNG states and progress
+(step, tokens, phase). `checkpointing` saves and reshards them; it knows nothing of the trainer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from checkpointing import (
+    CheckpointManager,
+    apply_model_tensors,
+    apply_optimizer_tensors,
+    model_tensors,
+    optimizer_tensors,
+    resolve_checkpoint,
+)
+from trainer.config_loader import to_yaml
+from trainer.distributed import rng_state, seed_rng, set_rng_state
+
+if TYPE_CHECKING:
+    from trainer.train import Trainer
+
+
+class TrainState:
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.cfg = trainer.cfg
+        self.step = 0
+        self.tokens_seen = 0
+        self.schedule_offset = 0
+        """Steps of an earlier phase whose schedule this run continues (init.load_schedule)."""
+        self.phase: dict = {}
+        self.last_saved_step = -1
+        ckpt = self.cfg.checkpoint
+        self.manager = CheckpointManager(ckpt.dir, keep=ckpt.keep) if ckpt.enabled else None
+
+    # -- what gets saved ------------------------------------------------------------------
+    def layout(self) -> dict:
+        dims = self.trainer.dims
+        return {
+            "world_size": dims.world_size,
+            "tp": dims.tp,
+            "dp": dims.dp,
+            "strategy": dims.strategy,
+        }
+
+    def tensors(self, with_optimizer: bool = True) -> tuple[dict, dict]:
+        model, optim = self.trainer.model, self.trainer.optimizer
+        tensors = model_tensors(model)
+        optim_json: dict = {}
+        if with_optimizer:
+            optim_tensors, optim_json = optimizer_tensors(model, optim)
+            tensors.update(optim_tensors)
+        return tensors, optim_json
+
+    def global_state(self, optim_json: dict) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "schedule_offset": self.schedule_offset,
+            "phase": self.phase,
+            "schedule": self.trainer.schedule.state_dict(),
+            "data": self.trainer.data.state_dict(),
+            "optimizer": optim_json,
+            "layout": self.layout(),
+            "config": to_yaml(self.cfg),
+        }
+
+    # -- save -----------------------------------------------------------------------------
+    def maybe_save(self) -> None:
+        if self.step % self.cfg.checkpoint.persist_interval == 0:
+            self.save()
+
+    def save_final(self) -> None:
+        if self.step != self.last_saved_step:
+            self.save()
+
+    def save(self) -> None:
+        if self.manager is None:
+            return
+        tensors, optim_json = self.tensors()
+        rank_state = {"rng": rng_state(self.trainer.dist.device)}
+        self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
+        self.last_saved_step = self.step
+
+    # -- restore --------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Resume this run from its newest loadable checkpoint; else warm-start from
+        init.from; else start fresh. Returns the step training continues from."""
+        if self.manager is not None:
+            tensors, _ = self.tensors()
+            result = self.manager.load_latest(tensors)
+            if result is not None:
+                self._report_skipped(result.skipped)
+                self._apply(result, tensors, full=True)
+                self._say(f"resumed from {result.path} (step {self.step})")
+                return self.step
+            self._report_skipped(getattr(self.manager, "last_skipped", []))
+        if self.cfg.init.from_:
+            self._warm_start(self.cfg.init.from_)
+        seed_rng(self.cfg.train.seed, self.trainer.dist.rank, 0)
+        return 0
+
+    def _warm_start(self, source: str) -> None:
+        init = self.cfg.init
+        path = resolve_checkpoint(source)
+        tensors, _ = self.tensors(with_optimizer=init.load_optimizer)
+        result = self.manager_for(path).load(path, tensors)
+        self._apply(result, tensors, full=False)
+        saved = result.global_state
+        if init.load_schedule:
+            self.schedule_offset = saved["schedule_offset"] + saved["step"]
+            self.trainer.schedule.load_state_dict(saved["schedule"])
+        self.phase = {
+            "init_from": str(path),
+            "source_step": saved["step"],
+            "source_phase": saved.get("phase", {}),
+        }
+        what = "weights" + (" + optimizer" if init.load_optimizer else "")
+        self._say(f"warm start: {what} from {path} (step {saved['step']})")
+
+    @staticmethod
+    def manager_for(path: Path) -> CheckpointManager:
+        return CheckpointManager(Path(path).parent, keep=1_000_000)
+
+    def _apply(self, result, tensors: dict, full: bool) -> None:
+        model, optim = self.trainer.model, self.trainer.optimizer
+        saved = result.global_state
+        apply_model_tensors(model, tensors)
+        if full or self.cfg.init.load_optimizer:
+            apply_optimizer_tensors(model, optim, tensors, saved["optimizer"])
+        if not full:
+            return
+        self.step = saved["step"]
+        self.last_saved_step = self.step
+        self.tokens_seen = saved["tokens_seen"]
+        self.schedule_offset = saved["schedule_offset"]
+        self.phase = saved["phase"]
+        self.trainer.schedule.load_state_dict(saved["schedule"])
+        self.trainer.data.load_state_dict(saved["data"])
+        self._restore_rng(saved["layout"], result.rank_states)
+
+    def _restore_rng(self, saved_layout: dict, rank_states: list[dict]) -> None:
+        rank = self.trainer.dist.rank
+        if saved_layout == self.layout():
+            set_rng_state(rank_states[rank]["rng"], self.trainer.dist.device)
+        else:
+            seed_rng(self.cfg.train.seed, rank, self.step)
+
+    def _report_skipped(self, skipped) -> None:
+        for path, reason in skipped:
+            self._say(f"skipping checkpoint {path}: {reason}")
+
+    def _say(self, message: str) -> None:
+        if self.trainer.is_main:
+            print(message, file=sys.stderr, flush=True)

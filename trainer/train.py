@@ -1,0 +1,186 @@
+"""The Trainer: builds everything in pipeline order, then runs the step loop."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.config import JobConfig
+from trainer.config_loader import save_config, to_yaml, validate_layout
+from trainer.data import IGNORE_INDEX, build_data
+from trainer.distributed import DistInfo, all_reduce_mean, init_distributed
+from trainer.metrics import MetricsLogger, Throughput
+from trainer.model import Llama
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.grad_norm import clip_grad_norm_
+from trainer.parallel.parallelize import parallelize_llama, set_gradient_sync
+from trainer.schedule import build_schedule
+from trainer.state import TrainState
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        validate_layout(cfg, self.dist.world_size)
+        self.dims = ParallelDims(self.dist.world_size, cfg.parallel.tp, cfg.parallel.strategy)
+        self.dims.build_mesh(self.dist.device.type)
+        self.is_main = self.dist.rank == 0
+        self.build_data()
+        self.build_model()
+        self.build_optimizer()
+        self.build_schedule()
+        self.state = TrainState(self)
+        self.build_metrics()
+
+    # -- build, in pipeline order -------------------------------------------------------
+    def build_data(self) -> None:
+        t = self.cfg.train
+        self.data = build_data(self.cfg.data, t.seed, t.global_batch_size, t.micro_batch_size)
+        if not self.cfg.model.vocab_size:
+            self.cfg.model.vocab_size = self.data.vocab_size
+
+    def build_model(self) -> None:
+        torch.manual_seed(self.cfg.train.seed)
+        model = Llama(self.cfg.model)
+        # Every rank initialises the full model from the same seed, so the weights are the
+        # same whatever the layout; parallelize then keeps each rank's shard.
+        model.init_weights(torch.Generator().manual_seed(self.cfg.train.seed))
+        self.plain_model = model.to(self.dist.device)
+        self.model = parallelize_llama(
+            self.plain_model,
+            self.dims,
+            activation_checkpointing=self.cfg.train.activation_checkpointing,
+            compile=self.cfg.train.compile,
+            param_dtype=self.param_dtype,
+        )
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        precision = self.cfg.train.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if self.dist.device.type == "cuda" else "fp32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def build_optimizer(self) -> None:
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def build_schedule(self) -> None:
+        tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        self.schedule = build_schedule(self.cfg.schedule, self.cfg.optim.lr, tokens_per_step)
+
+    def build_metrics(self) -> None:
+        self.metrics = MetricsLogger(
+            self.cfg.run.dir, self.is_main, self.cfg.log, {"config": to_yaml(self.cfg)}
+        )
+        flops = self.plain_model.flops_per_token(self.cfg.data.seq_len)
+        self.throughput = Throughput(flops, self.dist.world_size, self.dist.device)
+
+    # -- run ------------------------------------------------------------------------------
+    def train(self) -> None:
+        if self.is_main:
+            save_config(self.cfg, self.cfg.run.dir)
+        resumed_step = self.state.restore()
+        self.metrics.truncate_after(resumed_step)
+        self.throughput.reset()
+        max_steps = self.cfg.train.max_steps
+        progress = self._progress_bar(resumed_step, max_steps)
+        while self.state.step < max_steps:
+            record = self.train_step()
+            self.state.step += 1
+            progress.update(1)
+            self.maybe_log(record)
+            self.state.maybe_save()
+        progress.close()
+        self.state.save_final()
+        self.metrics.close()
+
+    def train_step(self) -> dict:
+        micro_batches = self.data.next_step_batches(self.dims.dp_rank(), self.dims.dp)
+        lr = self.schedule.lr(self.state.schedule_offset + self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for index, (inputs, targets) in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            loss = self.forward_loss(inputs, targets) / len(micro_batches)
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        self.throughput.add(tokens)
+        self.state.tokens_seen += tokens
+        loss = all_reduce_mean(loss_sum, self.dims["dp"].get_group())
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+        inputs, targets = inputs.to(self.dist.device), targets.to(self.dist.device)
+        with self._autocast():
+            logits = self.model(inputs)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+
+    def _autocast(self):
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); DDP needs autocast for bf16.
+        if self.param_dtype == torch.float32 or self.dims.strategy == "fsdp":
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.param_dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss per source: token-weighted over the whole data-parallel group (ranks
+        may hold padding only, so sums and counts are reduced, not per-rank means)."""
+        self.model.eval()
+        losses = {}
+        for name in self.data.source_names:
+            totals = torch.zeros(2, device=self.dist.device)
+            for inputs, targets in self.data.eval_batches(name, self.dims.dp_rank(), self.dims.dp):
+                totals[0] += self.forward_loss(inputs, targets, reduction="sum")
+                totals[1] += (targets != IGNORE_INDEX).sum()
+            dist.all_reduce(totals, group=self.dims["dp"].get_group())
+            if totals[1] > 0:
+                losses[name] = (totals[0] / totals[1]).item()
+        self.model.train()
+        return losses
+
+    def maybe_log(self, record: dict) -> None:
+        step, cfg = self.state.step, self.cfg
+        last = step == cfg.train.max_steps
+        evaluate = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
+        if evaluate:
+            record["eval_loss"] = self.evaluate()
+        if step % cfg.train.log_interval and step != 1 and not last and not evaluate:
+            return
+        record = {"step": step, **record, **self.throughput.measure()}
+        record["tokens_seen"] = self.state.tokens_seen
+        record["tokens_by_source"] = dict(self.data.tokens_by_source)
+        if cfg.data.record_sample_ids:
+            record["sample_ids"] = list(self.data.last_sample_ids)
+        self.metrics.log(record)
+
+    def _progress_bar(self, start: int, total: int):
+        from tqdm import tqdm
+
+        enabled = self.is_main and self.cfg.log.progress and sys.stderr.isatty()
+        return tqdm(initial=start, total=total, disable=not enabled, leave=False, unit="step")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

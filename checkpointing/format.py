@@ -43,7 +43,7 @@ _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 _DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in _SAFETENSORS_DTYPES}
 
 
-class CheckpointDamaged(Exception):
+class CheckpointDamaged(ValueError):
     """A checkpoint on disk is missing data or fails a checksum; the message names the damage."""
 
 

@@ -30,6 +30,7 @@ from checkpointing.format import (
     DEFAULT_BLOCK_SIZE,
     FORMAT_VERSION,
     STATE_FILE,
+    CheckpointDamaged,
     CheckpointIndex,
     read_index,
     read_json,
@@ -136,7 +137,9 @@ class CheckpointManager:
 
         Damaged checkpoints (failing the structural check on any rank, or a missing file, short
         read or checksum mismatch on any rank) are skipped and listed in `.skipped` with the
-        reason. Returns None when nothing is loadable; `tensors` may then be partly overwritten.
+        reason. Returns None when the root holds no committed checkpoint; raises
+        CheckpointDamaged when it holds some but none is intact (then `tensors` may be partly
+        overwritten, so the caller must not go on with them).
         """
         return self._load_newest(self.root, tensors)
 
@@ -165,6 +168,9 @@ class CheckpointManager:
             if problem is None:
                 return self._result(path, skipped)
             skipped.append((path, problem))
+        if skipped:
+            reasons = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
+            raise CheckpointDamaged(f"no intact checkpoint under {root}: {reasons}")
         return None
 
     def _read_into(self, path: Path, tensors: dict[str, torch.Tensor]) -> str | None:

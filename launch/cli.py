@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    print(f"error: unknown command {command!r} (commands: train, ckpt, schedule)", file=sys.stderr)
     return 2
 
 

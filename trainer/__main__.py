@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch.distributed as dist
+
 from launch.args import one_line, parse_job_args
 from trainer.config_loader import load_config, validate_layout
 
@@ -23,11 +25,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.train import Trainer
 
-    trainer = Trainer(cfg)
     try:
-        trainer.train()
+        Trainer(cfg).train()
+    except ValueError as err:  # user errors found while building (data files, checkpoints)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     finally:
-        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from trainer.config import JobConfig
 
@@ -18,12 +18,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
     """The default job, then the YAML file at `path`, then `key=value` overrides, resolved
     and validated (world-size checks come later, in `validate_layout`)."""
-    layers = [OmegaConf.structured(JobConfig)]
-    if path is not None:
-        layers.append(_load_yaml(Path(path)))
-    layers.append(_parse_overrides(overrides))
+    merged = OmegaConf.structured(JobConfig)
     try:
-        cfg: JobConfig = OmegaConf.to_object(OmegaConf.merge(*layers))
+        if path is not None:
+            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
+        for key, value in _parse_overrides(overrides):
+            # update, not merge: `data.sources.1.weight=0.5` must index into the list.
+            OmegaConf.update(merged, key, value, merge=True)
+        cfg: JobConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(_describe(err)) from None
     resolve_defaults(cfg)
@@ -51,26 +53,24 @@ def _rename_keyword_keys(raw: dict) -> dict:
     return raw
 
 
-def _parse_overrides(overrides: list[str]):
-    dotlist = []
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    parsed = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        dotlist.append(f"{_KEYWORD_KEYS.get(key, key)}={value}")
-    try:
-        return OmegaConf.from_dotlist(dotlist)
-    except OmegaConfBaseException as err:
-        raise ValueError(_describe(err)) from None
+        # omegaconf's own value grammar, as in `key=[1,2]` or `key={a: 1}`
+        parsed.append((_KEYWORD_KEYS.get(key, key), OmegaConf.from_dotlist([f"v={value}"])["v"]))
+    return parsed
 
 
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     for public, internal in _KEYWORD_KEYS.items():
         key = key.replace(internal, public)
-    message = str(err).splitlines()[0]
-    if "not in" in message or "Key" in message and "not" in message:
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return f"unknown config key {key!r}"
+    message = str(err).splitlines()[0]
     return f"config key {key!r}: {message}" if key else f"config: {message}"
 
 
@@ -111,6 +111,8 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.checkpoint.persist_interval <= 0 or cfg.checkpoint.keep <= 0:
         raise ValueError("checkpoint.persist_interval and checkpoint.keep must be > 0")
+    if cfg.init.from_ and not Path(cfg.init.from_).expanduser().exists():
+        raise ValueError(f"init.from: {cfg.init.from_} does not exist")
     _validate_tp(cfg)
 
 

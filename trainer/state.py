@@ -100,7 +100,6 @@ class TrainState:
                 self._apply(result, tensors, full=True)
                 self._say(f"resumed from {result.path} (step {self.step})")
                 return self.step
-            self._report_skipped(getattr(self.manager, "last_skipped", []))
         if self.cfg.init.from_:
             self._warm_start(self.cfg.init.from_)
         seed_rng(self.cfg.train.seed, self.trainer.dist.rank, 0)

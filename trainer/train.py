@@ -179,8 +179,3 @@ class Trainer:
 
         enabled = self.is_main and self.cfg.log.progress and sys.stderr.isatty()
         return tqdm(initial=start, total=total, disable=not enabled, leave=False, unit="step")
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()

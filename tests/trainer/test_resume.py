@@ -78,3 +78,30 @@ def _job(run_dir, data_cache):
     from tests.trainer.runs import tiny_job
 
     return tiny_job(run_dir, data_cache, *JOB)
+
+
+def test_warm_start_then_resume_the_continued_run(tmp_path, data_cache, reference):
+    ref_dir, ref_records = reference
+    run_dir = tmp_path / "continued"
+    job = _job(run_dir, data_cache)
+    source = ref_dir / "checkpoints" / "step-00000004"
+    first = perennial("train", *job, f"init.from={source}", "init.load_optimizer=true",
+                      "init.load_schedule=true", "train.max_steps=2")
+    assert f"warm start: weights + optimizer from {source}" in first.stderr
+    records = metrics(run_dir)
+    # The schedule continues from the source's step 4: the first step uses the LR of step 5.
+    assert records[0]["lr"] == pytest.approx(ref_records[4]["lr"])
+    assert records[0]["loss"] < ref_records[0]["loss"] - 0.5
+
+    # A crash of the continued run resumes the continued run, not its source.
+    second = perennial("train", *job, f"init.from={source}", "train.max_steps=3")
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000002'}" in second.stderr
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_warm_start_from_a_missing_path_is_one_line(tmp_path, data_cache):
+    proc = perennial("train", *_job(tmp_path, data_cache), f"init.from={tmp_path}/nowhere",
+                     check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,64 @@
+import pytest
+from omegaconf import OmegaConf
+
+from trainer.config_loader import DEFAULT_CONFIG, load_config, to_yaml, validate_layout
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert to_yaml(load_config(DEFAULT_CONFIG)) == to_yaml(load_config(None))
+
+
+def test_overrides_and_derived_defaults():
+    cfg = load_config(None, ["run.dir=/tmp/x", "train.max_steps=70", "init.from=/ckpt"])
+    assert cfg.schedule.total_steps == 70  # the schedule defaults to the run's length
+    assert cfg.checkpoint.dir == "/tmp/x/checkpoints"
+    assert cfg.init.from_ == "/ckpt"
+    assert OmegaConf.create(to_yaml(cfg))["init"]["from"] == "/ckpt"
+
+
+def test_yaml_file_with_init_from_and_sources(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "init:\n  from: /some/run\ndata:\n  sources:\n"
+        "    - {name: a, path: 'stdlib:prose', weight: 0.75}\n"
+        "    - {name: b, path: 'stdlib:code', weight: 0.25}\n"
+    )
+    cfg = load_config(path, ["data.sources.1.weight=0.5"])
+    assert cfg.init.from_ == "/some/run"
+    assert [s.weight for s in cfg.data.sources] == [0.75, 0.5]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.bogus=1"], "train.bogus"),
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["model.n_heads=8", "model.n_kv_heads=4", "parallel.tp=3"], "model.n_heads"),
+        (["parallel.tp=2", "parallel.strategy=ddp"], "parallel.strategy"),
+        (["parallel.strategy=zero"], "parallel.strategy"),
+        (["optim.lr=-1"], "optim.lr"),
+        (["data.seq_len=4096"], "data.seq_len"),
+        (["schedule.name=triangle"], "schedule.name"),
+        (["data.sources.0.path=/nope.jsonl"], "data.sources[0].path"),
+        (["train.max_steps"], "train.max_steps"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_layout_checks_name_batch_and_tp():
+    cfg = load_config(None, ["train.global_batch_size=12", "train.micro_batch_size=2"])
+    for world in (1, 2, 3, 6):
+        validate_layout(cfg, world)
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        validate_layout(cfg, 4)
+    tp_cfg = load_config(None, ["parallel.tp=2"])
+    with pytest.raises(ValueError, match="parallel.tp"):
+        validate_layout(tp_cfg, 3)

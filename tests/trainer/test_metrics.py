@@ -1,0 +1,35 @@
+import json
+
+from trainer.config import LogConfig
+from trainer.metrics import MetricsLogger, format_line, peak_flops
+
+
+def test_jsonl_line_per_step_and_truncate_after_resume(tmp_path, capsys):
+    logger = MetricsLogger(str(tmp_path), enabled=True)
+    for step in (1, 10, 20):
+        logger.log({"step": step, "loss": 3.0 / step, "lr": 1e-3, "tokens_per_s": 1000.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 10, 20]
+    assert "step     10  loss 0.3000" in capsys.readouterr().out
+    logger.truncate_after(10)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 10]
+
+
+def test_disabled_logger_on_other_ranks_writes_nothing(tmp_path):
+    MetricsLogger(str(tmp_path), enabled=False).log({"step": 1, "loss": 1.0})
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_wandb_runs_offline_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = MetricsLogger(str(tmp_path), enabled=True, wandb_cfg=LogConfig(wandb=True))
+    logger.log({"step": 1, "loss": 2.0, "eval_loss": {"prose": 2.5}})
+    logger.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline W&B run"
+
+
+def test_line_format_and_mfu_peaks():
+    line = format_line({"step": 5, "loss": 1.5, "mfu": 0.41, "eval_loss": {"code": 2.0}})
+    assert "mfu 41.0%" in line and "eval[code] 2.0000" in line
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("cpu") is None

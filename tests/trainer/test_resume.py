@@ -10,7 +10,13 @@ from safetensors.torch import load_file
 from tests.trainer.runs import losses, metrics, perennial, train
 
 # The schedule is 8 steps long whatever step a run stops at, so a resumed run is the same job.
-JOB = ["schedule.total_steps=8", "checkpoint.persist_interval=4"]
+# Two sources mixed 3:1 (prose with a replay of code), so resuming must restore the mix too.
+JOB = [
+    "schedule.total_steps=8",
+    "checkpoint.persist_interval=4",
+    "data.sources=[{name: prose, path: 'stdlib:prose', weight: 0.75},"
+    " {name: code, path: 'stdlib:code', weight: 0.25}]",
+]
 
 
 def final_weights(run_dir, tmp_path):
@@ -39,7 +45,14 @@ def test_same_layout_resume_is_bitwise(tmp_path, data_cache, reference):
     records = train(run_dir, data_cache, 1, *JOB, "train.max_steps=8")
     assert [r["step"] for r in records] == list(range(1, 9))
     assert losses(records) == losses(ref_records)
+    assert records[-1]["tokens_by_source"] == ref_records[-1]["tokens_by_source"]
     assert_bitwise_equal(final_weights(run_dir, tmp_path), final_weights(ref_dir, tmp_path))
+
+
+def test_mix_follows_the_weights(reference):
+    _, records = reference
+    tokens = records[-1]["tokens_by_source"]
+    assert tokens["prose"] == 3 * tokens["code"] == 3 * 8 * 12 * 32 // 4
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,8 @@ class SampleStream:
             "version": STATE_VERSION,
             "seed": self.seed,
             "cursor": self.cursor,
+            # JSON writers may sort keys; the order of sources shapes the mix, so say it.
+            "source_order": list(self.names),
             "sources": {
                 name: {
                     "delivered": int(self.delivered[i]),
@@ -105,7 +107,7 @@ class SampleStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was saved. Raises ValueError when it cannot."""
-        saved_names = list(state["sources"])
+        saved_names = list(state["source_order"])
         if saved_names != self.names:
             raise ValueError(
                 f"data state was saved for sources {saved_names}, but data.sources names "

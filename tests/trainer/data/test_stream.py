@@ -152,3 +152,13 @@ def test_load_state_rejects_other_sources_seed_or_sizes():
         make_stream(seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="'s1' now packs into 201"):
         make_stream(sizes=(500, 201)).load_state_dict(state)
+
+
+def test_state_survives_a_key_sorting_json_writer():
+    """Checkpoints write JSON with sorted keys; source order must not depend on dict order."""
+    first = SampleStream(["zeta", "alpha"], [500, 200], [0.75, 0.25], seed=0, seq_len=8)
+    run_ids(first, 3, 1)
+    state = json.loads(json.dumps(first.state_dict(), sort_keys=True))
+    second = SampleStream(["zeta", "alpha"], [500, 200], [0.75, 0.25], seed=0, seq_len=8)
+    second.load_state_dict(state)
+    assert run_ids(second, 2, 2) == run_ids(first, 2, 1)

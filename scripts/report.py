@@ -1,0 +1,51 @@
+"""Shared pieces of the benchmark reports: machine facts, timing statistics, and rewriting one
+marked section of docs/benchmarks.md without touching the others."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
+
+
+def machine_facts() -> str:
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{mem_gib:.0f} GiB RAM, {device}; torch {torch.__version__}, Python "
+        f"{platform.python_version()}; measured {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def median_spread(samples: list[float]) -> tuple[float, float]:
+    """Median and half the min–max range."""
+    return statistics.median(samples), (max(samples) - min(samples)) / 2
+
+
+def fmt_seconds(samples: list[float]) -> str:
+    median, spread = median_spread(samples)
+    return f"{median:.3f} ± {spread:.3f}"
+
+
+def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"

@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return train_command(rest)
         if command == "ckpt":
-            from checkpointing.cli import main as ckpt_main
+            from launch.ckpt_command import ckpt_command as ckpt_main
 
             return ckpt_main(rest)
         if command == "schedule":
             from launch.schedule_command import schedule_command
 
             return schedule_command(rest)
+        if command == "slurm":
+            from launch.slurm import slurm_command
+
+            return slurm_command(rest)
     except (UsageError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -39,7 +39,9 @@ def build_state(width: int, depth: int, layout: str):
     world = dist.get_world_size()
     if layout == "tp":
         mesh = init_device_mesh("cpu", (world,))
-        plan = {str(i): ColwiseParallel() if i % 2 == 0 else RowwiseParallel() for i in range(depth)}
+        plan = {
+            str(i): ColwiseParallel() if i % 2 == 0 else RowwiseParallel() for i in range(depth)
+        }
         parallelize_module(model, mesh, plan)
     elif layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,))
@@ -69,7 +71,9 @@ def save_both(root: str, width: int, depth: int) -> int:
                 value.normal_()
     CheckpointManager(Path(root) / "ours", keep=1).save(1, tensors)
     dcp.save(tensors, checkpoint_id=str(Path(root) / "dcp"))
-    local = sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors.values())
+    local = sum(
+        t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors.values()
+    )
     total = torch.tensor(local, dtype=torch.int64)
     dist.all_reduce(total)
     return total.item()
@@ -99,9 +103,14 @@ def run(width: int, depth: int, repeats: int) -> tuple[int, dict]:
         nbytes = run_distributed(save_both, 2, args=(root, width, depth))[0]
         results = {}
         for label, world, layout in SCENARIOS:
-            results[label] = run_distributed(load_both, world, args=(root, width, depth, layout, repeats))[0]
-            print(f"{label}: ours {fmt_seconds(results[label]['ours'])} s, "
-                  f"DCP {fmt_seconds(results[label]['dcp'])} s", flush=True)
+            results[label] = run_distributed(
+                load_both, world, args=(root, width, depth, layout, repeats)
+            )[0]
+            print(
+                f"{label}: ours {fmt_seconds(results[label]['ours'])} s, "
+                f"DCP {fmt_seconds(results[label]['dcp'])} s",
+                flush=True,
+            )
     return nbytes, results
 
 

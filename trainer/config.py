@@ -43,6 +43,10 @@ class TrainConfig:
     """torch.compile each transformer block."""
     device: str = "auto"
     """auto (cuda when available), cuda or cpu."""
+    hang_timeout_s: float = 0.0
+    """Seconds one step (its eval and checkpoint writes included) may take before the rank
+    dumps its stacks and exits so the launcher restarts the group from the newest checkpoint;
+    0 = off. Give it several times the slowest step (see launch/health.py)."""
 
 
 @dataclass
@@ -79,6 +83,11 @@ class CheckpointConfig:
     """Steps between committed on-disk checkpoints (the last step is always committed)."""
     keep: int = 3
     """Committed checkpoints kept on disk; older ones are deleted after a new commit."""
+    interval: int = 0
+    """Steps between in-memory snapshots held by the per-node keeper (0 = off); with it on,
+    the keeper persists every persist_interval steps in the background."""
+    replicas: int = 0
+    """1 = also copy each node's snapshots to the next node's keeper (survives node loss)."""
 
 
 @dataclass

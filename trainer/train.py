@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from launch.health import HealthMonitor
 from trainer.config import JobConfig
 from trainer.config_loader import save_config, to_yaml, validate_layout
 from trainer.data import IGNORE_INDEX, build_data
@@ -36,6 +37,7 @@ class Trainer:
         self.build_schedule()
         self.state = TrainState(self)
         self.build_metrics()
+        self.health = HealthMonitor.build(cfg, self.dist)
 
     # -- build, in pipeline order -------------------------------------------------------
     def build_data(self) -> None:
@@ -96,14 +98,17 @@ class Trainer:
         max_steps = self.cfg.train.max_steps
         progress = self._progress_bar(resumed_step, max_steps)
         while self.state.step < max_steps:
+            self.health.step_started(self.state.step + 1)
             record = self.train_step()
             self.state.step += 1
             progress.update(1)
             self.maybe_log(record)
             self.state.maybe_save()
+            self.health.step_finished()
         progress.close()
         self.state.save_final()
         self.metrics.close()
+        self.health.close()
 
     def train_step(self) -> dict:
         micro_batches = self.data.next_step_batches(self.dims.dp_rank(), self.dims.dp)
@@ -137,8 +142,8 @@ class Trainer:
         )
 
     def _autocast(self):
-        # FSDP2 casts parameters itself (MixedPrecisionPolicy); DDP needs autocast for bf16.
-        if self.param_dtype == torch.float32 or self.dims.strategy == "fsdp":
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); otherwise autocast does.
+        if self.param_dtype == torch.float32 or self.dims.fsdp_enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.param_dtype)
 

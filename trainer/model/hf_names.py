@@ -23,6 +23,8 @@ _TOP_RULES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Buffers some older HF checkpoints saved; they are recomputed, never loaded.
+_IGNORED_HF_NAME = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -46,3 +48,7 @@ def from_hf_name(hf_name: str) -> str:
             if match.group(2) == theirs:
                 return f"layers.{match.group(1)}.{ours}"
     raise ValueError(f"Hugging Face tensor {hf_name!r} has no Llama parameter")
+
+
+def is_ignored_hf(hf_name: str) -> bool:
+    return bool(_IGNORED_HF_NAME.match(hf_name))

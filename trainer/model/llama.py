@@ -4,7 +4,9 @@ No parallelism lives here; `trainer.parallel.parallelize_llama` applies it from 
 Attention reads its local head count from the weight shapes, so tensor-parallel sharding of
 the projections needs no change here. RoPE uses the rotate-half convention of Hugging Face
 `LlamaForCausalLM`, so `wq`/`wk` equal HF `q_proj`/`k_proj` with no permutation (see
-`trainer.model.hf_names`).
+`trainer.model.hf_names`). With `model.moe.num_experts > 0` the feed-forward of the layers
+`model.moe.is_moe_layer(i)` selects is a `MoEFeedForward` (trainer/model/moe.py); the trainer adds
+`model.aux_loss()` to the LM loss.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.config import ModelConfig
+from trainer.model.moe import MoEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -85,16 +88,22 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim())
+        if cfg.moe.is_moe_layer(layer):
+            self.feed_forward = MoEFeedForward(cfg.dim, cfg.expert_hidden_dim(), cfg.moe)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+_RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2")
 
 
 class Llama(nn.Module):
@@ -104,7 +113,13 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0", "1", ... keeps names like `layers.3.attention.wq.weight`
         # and lets growth transforms insert or drop layers without renumbering modules.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)}
+        )
+        # Plain dict, not registered: the same module objects stay reachable after wrapping.
+        self.moe_blocks: dict[int, MoEFeedForward] = {
+            i: self.layers[str(i)].feed_forward for i in cfg.moe_layers()
+        }
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -122,7 +137,7 @@ class Llama(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            elif name.endswith(_RESIDUAL_OUTPUTS):
                 param.normal_(0.0, residual_std, generator=generator)
             else:
                 param.normal_(0.0, std, generator=generator)
@@ -139,14 +154,41 @@ class Llama(nn.Module):
             h = layer(h, cos, sin)
         return self.output(self.norm(h))
 
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of every MoE layer's weighted load-balancing and z losses from the last forward
+        (a zero tensor for a dense model); add it to the LM loss before backward."""
+        total = self.rope_cos.new_zeros(())
+        for block in self.moe_blocks.values():
+            if block.aux_loss is not None:
+                total = total + block.aux_loss + block.z_loss
+        return total
+
+    def moe_losses(self) -> dict[str, torch.Tensor]:
+        """Detached per-layer losses of the last forward, e.g. `moe/aux_loss/3`, for logging."""
+        out = {}
+        for layer, block in self.moe_blocks.items():
+            if block.aux_loss is not None:
+                out[f"moe/aux_loss/{layer}"] = block.aux_loss.detach()
+                out[f"moe/z_loss/{layer}"] = block.z_loss.detach()
+        return out
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.tok_embeddings.weight.numel()
         return total
 
+    def active_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters one token uses: MoE layers count top_k of their experts."""
+        total = self.num_params(exclude_embeddings)
+        moe = self.cfg.moe
+        for block in self.moe_blocks.values():
+            per_expert = sum(p.numel() // p.shape[0] for p in block.experts.parameters())
+            total -= per_expert * (moe.num_experts - moe.top_k)
+        return total
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention scores
-        (PaLM appendix B, as torchtitan and Megatron count it)."""
-        n = self.num_params(exclude_embeddings=True)
+        """Training FLOPs per token: 6N for the matmuls (N = active parameters) plus 12·L·d·T for
+        attention scores (PaLM appendix B, as torchtitan and Megatron count it)."""
+        n = self.active_params(exclude_embeddings=True)
         return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len

@@ -28,6 +28,15 @@ class ParallelDims:
     def tp_enabled(self) -> bool:
         return self.tp > 1
 
+    @property
+    def fsdp_enabled(self) -> bool:
+        # One data-parallel rank has nothing to shard or reduce: skip the wrapper (torchtitan too).
+        return self.strategy == "fsdp" and self.dp > 1
+
+    @property
+    def ddp_enabled(self) -> bool:
+        return self.strategy == "ddp" and self.dp > 1
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
         self._mesh = init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
         return self._mesh

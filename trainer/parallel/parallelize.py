@@ -6,7 +6,8 @@
    TP-sharded modules.
 3. torch.compile per block, after checkpointing, so each compiled region includes it.
 4. Data parallelism last: FSDP2 `fully_shard` per block and then the root (each block's
-   all-gather overlaps the previous block's compute), or DDP over the `dp` sub-mesh.
+   all-gather overlaps the previous block's compute), or DDP over the `dp` sub-mesh; none when
+   there is a single data-parallel rank.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def parallelize_llama(
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if dims.strategy == "fsdp":
+    if dims.fsdp_enabled:
         apply_fsdp(model, dims["dp"], param_dtype)
-        return model
-    assert dims.strategy == "ddp", dims.strategy
-    return apply_ddp(model, dims["dp"]) if dims.dp > 1 else model
+    elif dims.ddp_enabled:
+        return apply_ddp(model, dims["dp"])
+    return model
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -61,17 +62,23 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "output": ColwiseParallel(output_layouts=Replicate()),
         },
     )
-    block_plan = {
+    attention_plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(),
+    }
+    dense_ffn_plan = {
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(),
     }
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan)
+        # MoE feed-forwards (router + stacked experts) stay replicated over tp: every tp rank
+        # computes the same expert outputs from the replicated activations.
+        is_moe = hasattr(block.feed_forward, "experts")
+        plan = attention_plan if is_moe else {**attention_plan, **dense_ffn_plan}
+        parallelize_module(block, tp_mesh, plan)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

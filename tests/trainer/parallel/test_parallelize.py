@@ -82,3 +82,8 @@ def test_two_rank_layouts_match_single_process(reference):
 def test_three_rank_fsdp_with_uneven_shards_matches(reference):
     results = run_distributed(layouts_on_ranks, 3, args=([("fsdp", 1)],))
     torch.testing.assert_close(results[0]["fsdp-tp1"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_four_rank_fsdp_x_tp_mesh_matches(reference):
+    results = run_distributed(layouts_on_ranks, 4, args=([("fsdp", 2)],))
+    torch.testing.assert_close(results[0]["fsdp-tp2"], reference, rtol=1e-5, atol=1e-5)

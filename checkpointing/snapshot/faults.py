@@ -1,0 +1,44 @@
+"""Fault-injection points for the fault-injection tests (like NVIDIA's resiliency injector).
+
+`PERENNIAL_FAULT_PAUSE=<point>:<seconds>` pauses the first time `<point>` ("copy", "persist")
+is reached and prints a line naming it, so a test can SIGKILL the process at exactly that point.
+`PERENNIAL_KEEPER_MAX_FILE_BYTES=<n>` caps the file size (RLIMIT_FSIZE) while the keeper
+persists: writes past it fail with EFBIG like a full disk. Unset, both do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import sys
+import time
+
+_paused: set[str] = set()
+
+
+def maybe_pause(point: str, what: str) -> None:
+    spec = os.environ.get("PERENNIAL_FAULT_PAUSE", "")
+    name, _, seconds = spec.partition(":")
+    if name != point or point in _paused:
+        return
+    _paused.add(point)
+    print(f"fault-injection: paused in {point} ({what}) pid {os.getpid()}", file=sys.stderr,
+          flush=True)
+    time.sleep(float(seconds or 10))
+
+
+@contextlib.contextmanager
+def persist_file_size_limit():
+    limit = os.environ.get("PERENNIAL_KEEPER_MAX_FILE_BYTES")
+    if not limit:
+        yield
+        return
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)

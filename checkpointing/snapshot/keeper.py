@@ -1,0 +1,220 @@
+"""The per-node keeper: owns the memory tier's shared-memory slots and outlives the workers.
+
+    python -m checkpointing.snapshot.keeper --shm-root /dev/shm/perennial/<job> --node-index 0 \
+        --num-nodes 1 --port 29600 --local-ranks 8 --checkpoint-dir run/checkpoints [--peer h:p]
+
+Workers map its slot files and copy into them directly; the keeper checksums completed slots,
+sends them to the peer keeper (replicas), drains them to disk, and on SIGTERM persists the
+newest complete snapshot that is newer than the disk's, then unlinks its shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import queue
+import signal
+import socketserver
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from checkpointing.commit import committed_dirs
+from checkpointing.snapshot import faults
+from checkpointing.snapshot.persist import commit_when_complete, write_node_part
+from checkpointing.snapshot.protocol import receive, send
+from checkpointing.snapshot.replica import PeerLink, fetch_from_peer, serve_fetch, store_replica
+from checkpointing.snapshot.slots import SlotLayout, box_checksums, write_json_atomically
+from checkpointing.snapshot.store import SlotStore
+
+COMMIT_TIMEOUT_S = 120.0
+SHUTDOWN_COMMIT_TIMEOUT_S = 15.0
+
+
+class Keeper:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.shm_root = Path(args.shm_root)
+        self.node_dir = self.shm_root / f"node{args.node_index}"
+        self.store = SlotStore(self.shm_root, self.node_dir)
+        self.replica_stores: dict[int, SlotStore] = {}
+        self.tasks: queue.Queue = queue.Queue()
+        self.status: dict[str, Any] = {"node": args.node_index, "persisted_step": None,
+                                       "persist_error": None, "persist_failures": 0}
+        self.peer = PeerLink(args.peer, self.log) if args.peer else None
+        self.root = Path(args.checkpoint_dir)
+        self.pending_persist: set[int] = set()
+
+    def log(self, message: str) -> None:
+        print(f"[keeper node{self.args.node_index}] {message}", file=sys.stderr, flush=True)
+
+    # -- requests -------------------------------------------------------------------------
+    def handle(self, message: dict[str, Any], rfile, wfile) -> dict[str, Any] | None:
+        cmd = message["cmd"]
+        if cmd == "register":
+            self.store.drop_ranks_outside(message["world_size"])
+            layout = SlotLayout.from_json(message["layout"])
+            return {"files": self.store.ensure_slots(message["rank"], layout,
+                                                     self.args.local_ranks)}
+        if cmd == "begin":
+            slot = self.store.begin(message["rank"], message["step"], message["world_size"])
+            return {"slot": slot}
+        if cmd == "done":
+            return self._done(message)
+        if cmd == "list":
+            return {"manifests": self.store.complete_manifests()}
+        if cmd == "drain":
+            self.tasks.join()
+            return {"status": self.status}
+        if cmd == "replica":
+            store_replica(self._replica_store(message["node"]), message, rfile)
+            return {"ok": True}
+        if cmd == "fetch":
+            serve_fetch(self._replica_store(message["node"]), wfile)
+            return None
+        raise ValueError(f"unknown keeper command {cmd!r}")
+
+    def _done(self, message: dict[str, Any]) -> dict[str, Any]:
+        rank, slot = message["rank"], message["slot"]
+        with self.store.lock:
+            manifest = self.store.manifests[(rank, slot)]
+            assert manifest["step"] == message["step"], f"rank {rank} slot {slot}: step mismatch"
+            manifest = {**manifest, "state": "copied", "global_state": message["global_state"],
+                        "rank_state": message["rank_state"], "persist": message["persist"]}
+            self.store.set_manifest(rank, slot, manifest)
+            self.store.pin(rank, slot, +1)  # until checksummed (and replicated)
+        self.tasks.put((self._checksum, rank, slot))
+        return {"ok": True}
+
+    def _replica_store(self, node: int) -> SlotStore:
+        if node not in self.replica_stores:
+            directory = self.node_dir / f"replica-node{node}"
+            self.replica_stores[node] = SlotStore(self.shm_root, directory)
+        return self.replica_stores[node]
+
+    # -- background work (one thread, in order) -----------------------------------------
+    def work(self) -> None:
+        while True:
+            task, *args = self.tasks.get()
+            try:
+                task(*args)
+            except Exception as err:  # noqa: BLE001 - a keeper must outlive any one task
+                self.log(f"{task.__name__} failed: {err!r}")
+            finally:
+                self.tasks.task_done()
+
+    def _checksum(self, rank: int, slot: int) -> None:
+        try:
+            manifest = self.store.manifests[(rank, slot)]
+            layout = self.store.layouts[rank]
+            with open(self.store.path(rank, slot), "rb") as f:
+                with mmap.mmap(f.fileno(), layout.size, prot=mmap.PROT_READ) as data:
+                    crcs = box_checksums(memoryview(data), layout, manifest["block_size"])
+            manifest = {**manifest, "state": "complete", "crc32": crcs}
+            self.store.set_manifest(rank, slot, manifest)
+            if self.peer is not None:
+                self.peer.send_replica(self.args.node_index, manifest, layout,
+                                       self.store.path(rank, slot))
+        finally:
+            self.store.pin(rank, slot, -1)
+        step = manifest["step"]
+        if manifest["persist"] and len(self.store.complete_ranks_at(step)) == self.args.local_ranks:
+            self.persist(step, COMMIT_TIMEOUT_S)
+
+    def persist(self, step: int, timeout_s: float) -> None:
+        manifests = self.store.complete_ranks_at(step)
+        for m in manifests:
+            self.store.pin(m["rank"], m["slot"], +1)
+        try:
+            with faults.persist_file_size_limit():
+                write_node_part(self.root, self.args.node_index, manifests, self.shm_root)
+            if self.args.node_index == 0:
+                commit_when_complete(self.root, step, self.args.num_nodes, self.args.keep,
+                                     timeout_s)
+                self.log(f"persisted step {step} to {self.root}")
+            self.status.update(persisted_step=step, persist_error=None)
+        except (OSError, TimeoutError, AssertionError) as err:
+            self.status.update(persist_error=f"persist of step {step} failed: {err}")
+            self.status["persist_failures"] += 1
+            self.log(f"persist of step {step} failed: {err}; training goes on in memory")
+        finally:
+            for m in manifests:
+                self.store.pin(m["rank"], m["slot"], -1)
+            write_json_atomically(self.node_dir / "status.json", self.status)
+
+    # -- start and stop -------------------------------------------------------------------
+    def restore_from_peer(self) -> None:
+        if self.peer is not None and not self.store.complete_manifests():
+            count = fetch_from_peer(self.args.peer, self.args.node_index, self.store)
+            if count:
+                self.log(f"restored {count} slot(s) of this node from the peer replica")
+
+    def persist_newest_on_exit(self) -> None:
+        self.tasks.join()
+        complete = self.store.complete_manifests()
+        steps = {m["step"] for m in complete}
+        full = [s for s in steps if len(self.store.complete_ranks_at(s)) == self.args.local_ranks]
+        on_disk = committed_dirs(self.root)
+        newest_disk = on_disk[0][0] if on_disk else -1
+        if full and max(full) > newest_disk:
+            self.log(f"persisting step {max(full)} before exit")
+            self.persist(max(full), SHUTDOWN_COMMIT_TIMEOUT_S)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        keeper: Keeper = self.server.keeper  # type: ignore[attr-defined]
+        while (message := receive(self.rfile)) is not None:
+            try:
+                reply = keeper.handle(message, self.rfile, self.wfile)
+            except (ValueError, OSError, KeyError) as err:
+                reply = {"error": str(err)}
+            if reply is not None:
+                send(self.wfile, reply)
+            else:
+                self.wfile.flush()
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m checkpointing.snapshot.keeper")
+    p.add_argument("--shm-root", required=True)
+    p.add_argument("--node-index", type=int, default=0)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--peer", default="", help="host:port of the keeper holding our replica")
+    p.add_argument("--local-ranks", type=int, required=True)
+    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--keep", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    keeper = Keeper(parse_args(sys.argv[1:] if argv is None else argv))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    keeper.restore_from_peer()
+    server = _Server((keeper.args.bind, keeper.args.port), _Handler)
+    server.keeper = keeper  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=keeper.work, daemon=True).start()
+    keeper.log(f"serving {keeper.node_dir} on port {keeper.args.port}")
+    stop.wait()
+    keeper.persist_newest_on_exit()
+    server.shutdown()
+    keeper.store.remove_all()
+    if keeper.shm_root.is_dir() and not any(keeper.shm_root.iterdir()):
+        keeper.shm_root.rmdir()
+    keeper.log("stopped; shared memory released")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The trainer's use of the memory tier (checkpointing.snapshot): snapshot every
+`checkpoint.interval` steps, let the keeper persist every `checkpoint.persist_interval` steps,
+restore from whichever tier is newest, and turn SIGTERM into a final save at a step boundary.
+
+Hooks: TrainState calls `restore`, `after_step` and `finish`; Trainer.train_step calls
+`before_optimizer_step`. The keeper is found through the environment `perennial train` sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from checkpointing import LoadResult, collectives, find_loadable
+from checkpointing.snapshot import SnapshotEngine
+from trainer.distributed import rng_state
+
+if TYPE_CHECKING:
+    from trainer.state import TrainState
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: state is saved, requeue the job
+ENV_SHM_ROOT = "PERENNIAL_SHM_ROOT"
+ENV_KEEPERS = "PERENNIAL_KEEPERS"
+ENV_NODE_INDEX = "PERENNIAL_NODE_INDEX"
+
+
+class Preempted(SystemExit):
+    def __init__(self) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+class Snapshots:
+    def __init__(self, state: TrainState):
+        self.state = state
+        self.cfg = state.cfg.checkpoint
+        self.device = state.trainer.dist.device
+        self.sigterm = False
+        self.reported_error: str | None = None
+        self.engine = self._build_engine()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _build_engine(self) -> SnapshotEngine | None:
+        if self.cfg.replicas not in (0, 1):
+            raise ValueError(f"checkpoint.replicas must be 0 or 1, got {self.cfg.replicas}")
+        if self.cfg.interval < 0:
+            raise ValueError(f"checkpoint.interval must be >= 0, got {self.cfg.interval}")
+        if not (self.cfg.enabled and self.cfg.interval > 0):
+            return None
+        if ENV_KEEPERS not in os.environ:
+            self.state._say(f"checkpoint.interval={self.cfg.interval} needs the keeper that "
+                            "`perennial train` starts; memory snapshots are off")
+            return None
+        keepers = os.environ[ENV_KEEPERS].split(",")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        position = local_rank * len(keepers) // local_world  # simulated nodes split the ranks
+        node_index = int(os.environ.get(ENV_NODE_INDEX, 0)) + position
+        return SnapshotEngine(keepers[position], os.environ[ENV_SHM_ROOT], node_index)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm = True
+
+    # -- hooks ----------------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        if self.engine is not None:
+            self.engine.wait_copied()
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> LoadResult | None:
+        """The newest memory snapshot at least as new as the newest intact disk checkpoint."""
+        if self.engine is None:
+            return None
+        on_disk = [c.step for c in find_loadable(self.cfg.dir) if c.problem is None]
+        memory = self.engine.restore(tensors, newer_than=max(on_disk, default=0) - 1)
+        if memory is None:
+            return None
+        return LoadResult(Path(f"memory:{self.engine.shm_root}"), memory.step,
+                          memory.global_state, memory.rank_states)
+
+    def after_step(self) -> bool:
+        """Snapshot when due. True when the keeper persists (the trainer skips its own save)."""
+        self._stop_if_preempted()
+        if self.engine is None:
+            return False
+        step = self.state.step
+        persist = step % self.cfg.persist_interval == 0
+        if step % self.cfg.interval == 0 or persist:
+            tensors, optim_json = self.state.tensors()
+            global_state = self.state.global_state(optim_json)
+            rank_state = {"rng": rng_state(self.device)}
+            self.engine.snapshot(step, tensors, global_state, rank_state, persist)
+            self._report_persist_errors()
+        return True
+
+    def finish(self) -> None:
+        """Before the final save: let the keeper finish; skip the save if it committed it."""
+        if self.engine is None:
+            return
+        status = self.engine.drain()
+        persisted = status.get("persisted_step") == self.state.step
+        if not collectives.agree_on_problem(None if persisted else "not persisted", None):
+            self.state.last_saved_step = self.state.step
+        self.engine.close()
+        self.engine = None
+
+    # -- preemption and status ----------------------------------------------------------
+    def _stop_if_preempted(self) -> None:
+        flag = torch.tensor([int(self.sigterm)])
+        if collectives.is_distributed(None):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
+        self.state._say(f"SIGTERM: saving step {self.state.step} before exiting "
+                        f"(exit code {PREEMPTED_EXIT_CODE}: requeue)")
+        self.finish()
+        self.state.save_final()
+        raise Preempted()
+
+    def _report_persist_errors(self) -> None:
+        status_file = Path(self.engine.shm_root) / f"node{self.engine.node_index}/status.json"
+        try:
+            error = json.loads(status_file.read_text()).get("persist_error")
+        except (OSError, ValueError):
+            return
+        if error and error != self.reported_error:
+            print(f"warning: {error}; training goes on with the memory tier", file=sys.stderr,
+                  flush=True)
+        self.reported_error = error

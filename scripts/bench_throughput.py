@@ -122,8 +122,8 @@ def report(results: dict[str, list[float]], steps: int) -> str:
         "",
         f"Machine: {machine_facts()}. Default Llama (dim 256, 4 layers, ~3M parameters), "
         f"global batch {GLOBAL_BATCH} × {SEQ} tokens, micro batch {MICRO}, fp32, one process; "
-        f"{steps} steps per run, loops alternating, median over {LOG_EVERY}-step intervals after {WARMUP_STEPS} "
-        "warm-up steps.",
+        f"{steps} steps per run, loops alternating, median over {LOG_EVERY}-step intervals "
+        f"after {WARMUP_STEPS} warm-up steps.",
         "",
         "| loop | tokens/s (median) | min – max | vs bare loop |",
         "|---|---|---|---|",

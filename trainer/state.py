@@ -21,6 +21,7 @@ from checkpointing import (
 )
 from trainer.config_loader import to_yaml
 from trainer.distributed import rng_state, seed_rng, set_rng_state
+from trainer.snapshots import Snapshots
 
 if TYPE_CHECKING:
     from trainer.train import Trainer
@@ -38,6 +39,7 @@ class TrainState:
         self.last_saved_step = -1
         ckpt = self.cfg.checkpoint
         self.manager = CheckpointManager(ckpt.dir, keep=ckpt.keep) if ckpt.enabled else None
+        self.snapshots = Snapshots(self)
 
     # -- what gets saved ------------------------------------------------------------------
     def layout(self) -> dict:
@@ -73,10 +75,13 @@ class TrainState:
 
     # -- save -----------------------------------------------------------------------------
     def maybe_save(self) -> None:
+        if self.snapshots.after_step():  # the keeper persists
+            return
         if self.step % self.cfg.checkpoint.persist_interval == 0:
             self.save()
 
     def save_final(self) -> None:
+        self.snapshots.finish()
         if self.step != self.last_saved_step:
             self.save()
 
@@ -94,7 +99,7 @@ class TrainState:
         init.from; else start fresh. Returns the step training continues from."""
         if self.manager is not None:
             tensors, _ = self.tensors()
-            result = self.manager.load_latest(tensors)
+            result = self.snapshots.restore(tensors) or self.manager.load_latest(tensors)
             if result is not None:
                 self._report_skipped(result.skipped)
                 self._apply(result, tensors, full=True)

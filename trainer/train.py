@@ -122,6 +122,7 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.state.snapshots.before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len

@@ -82,6 +82,10 @@ class ShardView:
     def size(self) -> torch.Size:
         return torch.Size(self.global_shape)
 
+    def local_at(self, offsets: tuple[int, ...]) -> torch.Tensor:
+        """The in-memory view of the box at `offsets` (one box here; subclasses may hold more)."""
+        return self.local
+
     def _chunk(self) -> ChunkStorageMetadata:
         return ChunkStorageMetadata(torch.Size(self.offsets), self.local.size())
 
@@ -152,7 +156,7 @@ def _describe(num_experts: int | None) -> str:
 
 
 def _find_layout(key: str, value: torch.Tensor, layouts) -> tuple[Layout, str, str] | None:
-    if value.dim() == 0:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
     for spec in layouts:
         name = spec.name

@@ -36,7 +36,13 @@ from checkpointing.format import (
     read_json,
     step_dir_name,
 )
-from checkpointing.layout import Layout, check_layout_compatible, to_logical, zero_padding
+from checkpointing.layout import (
+    Layout,
+    ShardView,
+    check_layout_compatible,
+    to_logical,
+    zero_padding,
+)
 from checkpointing.storage import (
     SafetensorsShardWriter,
     ShardViewLoadPlanner,
@@ -222,7 +228,7 @@ def _validate_request(path: Path, index: CheckpointIndex, logical: dict, declare
 
 def _check_tensors(tensors: dict[str, Any]) -> None:
     for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, (torch.Tensor, ShardView)):
             raise ValueError(
                 f"{name!r} is a {type(value).__name__}, not a tensor; pass it in global_state"
             )

@@ -61,7 +61,9 @@ class ShardViewSavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         obj = self.state_dict[index.fqn]
-        return obj.local if isinstance(obj, ShardView) else super().lookup_object(index)
+        if isinstance(obj, ShardView):
+            return obj.local_at(tuple(index.offset))
+        return super().lookup_object(index)
 
 
 class ShardViewLoadPlanner(DefaultLoadPlanner):
@@ -80,7 +82,9 @@ class ShardViewLoadPlanner(DefaultLoadPlanner):
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         obj = self.state_dict[index.fqn]
-        return obj.local if isinstance(obj, ShardView) else super().lookup_tensor(index)
+        if isinstance(obj, ShardView):
+            return obj.local_at(tuple(index.offset))
+        return super().lookup_tensor(index)
 
 
 class SafetensorsShardWriter(StorageWriter):

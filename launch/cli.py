@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             from launch.slurm import slurm_command
 
             return slurm_command(rest)
+        if command == "grow":
+            from launch.grow_command import grow_command
+
+            return grow_command(rest)
     except (UsageError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 
 from launch.args import parse_job_args
+from launch.keepers import KeeperGroup, keepers_wanted
 from trainer.config_loader import load_config, to_yaml, validate_layout
 
 
@@ -16,6 +19,14 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nnodes", default="1", help="nodes (torchrun syntax, e.g. 2 or 1:4)")
     parser.add_argument("--rdzv-endpoint", default="", help="host:port of the c10d rendezvous")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SLURM_NODEID", 0)),
+                        help="this node's index among --nnodes (default $SLURM_NODEID or 0)")
+    parser.add_argument("--keeper-port", type=int, default=0,
+                        help="snapshot keeper port (fixed on multi-node jobs; 0 = any free)")
+    parser.add_argument("--keeper-peer", default="",
+                        help="host:port of the next node's keeper (checkpoint.replicas=1)")
+    parser.add_argument("--simulated-nodes", type=int, default=1,
+                        help="run K keepers here, each owning nproc/K ranks (for tests)")
 
 
 def train_command(argv: list[str]) -> int:
@@ -28,11 +39,19 @@ def train_command(argv: list[str]) -> int:
     if flags.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    if flags.nproc == 1 and flags.nnodes == "1" and flags.max_restarts == 0:
-        from trainer.__main__ import main as worker_main
+    keepers = KeeperGroup(cfg, flags.nproc, flags) if keepers_wanted(cfg) else None
+    if keepers is not None:
+        keepers.start()
+        os.environ.update(keepers.env())
+    try:
+        if flags.nproc == 1 and flags.nnodes == "1" and flags.max_restarts == 0:
+            from trainer.__main__ import main as worker_main
 
-        return worker_main(argv_for_worker(args))
-    return _run_torchrun(flags, argv_for_worker(args))
+            return worker_main(argv_for_worker(args))
+        return _run_torchrun(flags, argv_for_worker(args))
+    finally:
+        if keepers is not None:
+            keepers.stop()
 
 
 def argv_for_worker(args) -> list[str]:
@@ -58,7 +77,13 @@ def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
 
 
 def _run_torchrun(flags, worker_argv: list[str]) -> int:
-    code = subprocess.call(torchrun_command(flags, worker_argv))
+    proc = subprocess.Popen(torchrun_command(flags, worker_argv))
+    # Slurm preemption: torchrun passes SIGTERM on to the workers, which save and exit 143.
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code != 0:
         print(
             f"error: training failed (torchrun exit code {code}); see the worker output above",

@@ -1,7 +1,8 @@
 """Fault-injection points for the fault-injection tests (like NVIDIA's resiliency injector).
 
-`PERENNIAL_FAULT_PAUSE=<point>:<seconds>` pauses the first time `<point>` ("copy", "persist")
-is reached and prints a line naming it, so a test can SIGKILL the process at exactly that point.
+`PERENNIAL_FAULT_PAUSE=<point>:<seconds>:<marker>` pauses the first time `<point>` ("copy",
+"persist") is reached in any process (the `<marker>` file records it) and prints a line naming
+it and the pid, so a test can SIGKILL that process at exactly that point.
 `PERENNIAL_KEEPER_MAX_FILE_BYTES=<n>` caps the file size (RLIMIT_FSIZE) while the keeper
 persists: writes past it fail with EFBIG like a full disk. Unset, both do nothing.
 """
@@ -15,15 +16,17 @@ import signal
 import sys
 import time
 
-_paused: set[str] = set()
-
 
 def maybe_pause(point: str, what: str) -> None:
     spec = os.environ.get("PERENNIAL_FAULT_PAUSE", "")
-    name, _, seconds = spec.partition(":")
-    if name != point or point in _paused:
+    name, _, rest = spec.partition(":")
+    seconds, _, marker = rest.partition(":")
+    if name != point or not marker:
         return
-    _paused.add(point)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
     print(f"fault-injection: paused in {point} ({what}) pid {os.getpid()}", file=sys.stderr,
           flush=True)
     time.sleep(float(seconds or 10))

@@ -8,23 +8,24 @@ def test_default_yaml_is_the_embedded_default():
     assert to_yaml(load_config(DEFAULT_CONFIG)) == to_yaml(load_config(None))
 
 
-def test_overrides_and_derived_defaults():
-    cfg = load_config(None, ["run.dir=/tmp/x", "train.max_steps=70", "init.from=/ckpt"])
+def test_overrides_and_derived_defaults(tmp_path):
+    source = str(tmp_path)
+    cfg = load_config(None, ["run.dir=/tmp/x", "train.max_steps=70", f"init.from={source}"])
     assert cfg.schedule.total_steps == 70  # the schedule defaults to the run's length
     assert cfg.checkpoint.dir == "/tmp/x/checkpoints"
-    assert cfg.init.from_ == "/ckpt"
-    assert OmegaConf.create(to_yaml(cfg))["init"]["from"] == "/ckpt"
+    assert cfg.init.from_ == source
+    assert OmegaConf.create(to_yaml(cfg))["init"]["from"] == source
 
 
 def test_yaml_file_with_init_from_and_sources(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(
-        "init:\n  from: /some/run\ndata:\n  sources:\n"
+        f"init:\n  from: {tmp_path}\ndata:\n  sources:\n"
         "    - {name: a, path: 'stdlib:prose', weight: 0.75}\n"
         "    - {name: b, path: 'stdlib:code', weight: 0.25}\n"
     )
     cfg = load_config(path, ["data.sources.1.weight=0.5"])
-    assert cfg.init.from_ == "/some/run"
+    assert cfg.init.from_ == str(tmp_path)
     assert [s.weight for s in cfg.data.sources] == [0.75, 0.5]
 
 
@@ -41,6 +42,7 @@ def test_yaml_file_with_init_from_and_sources(tmp_path):
         (["schedule.name=triangle"], "schedule.name"),
         (["data.sources.0.path=/nope.jsonl"], "data.sources[0].path"),
         (["train.max_steps"], "train.max_steps"),
+        (["init.from=/no/such/run"], "init.from"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key):

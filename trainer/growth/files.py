@@ -10,6 +10,7 @@ plus the targets built from it.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,8 @@ class SourceCheckpoint:
         self.global_state: dict[str, Any] = self.state["global_state"]
         if "config" not in self.global_state:
             raise ValueError(f"checkpoint {self.path} has no job config (global_state.config)")
-        self.job_config: dict = OmegaConf.to_container(OmegaConf.create(self.global_state["config"]))
+        config = OmegaConf.create(self.global_state["config"])
+        self.job_config: dict = OmegaConf.to_container(config)
         self.model_config = model_config_from_dict(self.job_config.get("model", {}), self.path)
 
     @property
@@ -154,4 +156,5 @@ def _write_shard(
             )
             offset += nbytes
         f.flush()
+        os.fsync(f.fileno())
     return tensors, {file_name: file_info}

@@ -66,7 +66,7 @@ def layer_map(num_layers: int, opts: StackOptions) -> list[LayerCopy]:
 
 
 def parse_layer_ranges(spec: str, num_layers: int) -> list[int]:
-    """"0:24,8:32" -> [0..23, 8..31]; ValueError naming --layers on any malformed range."""
+    """ "0:24,8:32" -> [0..23, 8..31]; ValueError naming --layers on any malformed range."""
     if not spec.strip():
         raise ValueError("--layers is required for --method dus (e.g. --layers 0:24,8:32)")
     layers: list[int] = []

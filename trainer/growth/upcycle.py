@@ -157,4 +157,3 @@ def _router_fn(opts: UpcycleOptions, std: float, seed: int):
         return rows.repeat_interleave(copies * g // groups, dim=0).to(dense_w1.dtype)
 
     return build
-

@@ -13,12 +13,13 @@ config mappings, with the same `HFFamily` fields.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from transformers import LlamaConfig, PretrainedConfig
 
 from trainer.model import hf_names
@@ -152,6 +153,8 @@ def model_config_to_hf(
     """A config.json (as a dict) for our `model:` section, built by transformers' config class."""
     cfg = model_config_from_dict(model_cfg)
     family = family_of_model(cfg.name)
+    if cfg.moe.enabled():
+        raise ValueError("model.moe: MoE models have no Hugging Face export yet (mixtral family)")
     hf = family.config_class(
         architectures=[family.architecture],
         bos_token_id=bos_token_id,
@@ -164,11 +167,12 @@ def model_config_to_hf(
 
 
 def model_config_from_dict(model_cfg: dict[str, Any]) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(model_cfg) - known)
-    if unknown:
-        raise ValueError(f"model config has unknown keys {unknown}")
-    cfg = ModelConfig(**model_cfg)
+    """A validated ModelConfig from a `model:` section (omegaconf checks keys and types)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg)
+        cfg: ModelConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"model config: {str(err).splitlines()[0]}") from None
     cfg.validate()
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (> 0) to describe the model")

@@ -113,9 +113,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0", "1", ... keeps names like `layers.3.attention.wq.weight`
         # and lets growth transforms insert or drop layers without renumbering modules.
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)}
-        )
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         # Plain dict, not registered: the same module objects stay reachable after wrapping.
         self.moe_blocks: dict[int, MoEFeedForward] = {
             i: self.layers[str(i)].feed_forward for i in cfg.moe_layers()

@@ -1,0 +1,113 @@
+"""Start, supervise and stop this node's snapshot keeper(s) around the training workers.
+
+One keeper per node, started before torchrun and stopped after it (SIGTERM: it persists the
+newest snapshot newer than the disk's, then unlinks its shared memory). `--simulated-nodes K`
+runs K keepers on this machine, each owning 1/K of the local ranks, so tests can lose a "node".
+A keeper that dies while training runs is restarted; it adopts the slots its predecessor left
+or, when they are gone with the node, fetches them back from its peer's replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from launch.spawn import free_port
+
+SHM_BASE = Path("/dev/shm/perennial")
+STOP_TIMEOUT_S = 60.0
+
+
+def job_id(run_dir: str) -> str:
+    """Stable across restarts and requeues of the same run."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+class KeeperGroup:
+    def __init__(self, cfg, nproc: int, flags) -> None:
+        simulated = flags.simulated_nodes
+        if simulated < 1 or nproc % simulated:
+            raise ValueError(f"--simulated-nodes {simulated} must divide --nproc {nproc}")
+        self.shm_root = SHM_BASE / job_id(cfg.run.dir)
+        self.node_index = flags.node_rank
+        num_nodes = max(simulated, int(flags.nnodes.split(":")[0]))
+        if simulated == 1 and flags.keeper_port:
+            self.ports = [flags.keeper_port]
+        else:
+            self.ports = [free_port() for _ in range(simulated)]
+        self.commands = []
+        for i, port in enumerate(self.ports):
+            peer = f"127.0.0.1:{self.ports[(i + 1) % simulated]}" if simulated > 1 else ""
+            cmd = [sys.executable, "-m", "checkpointing.snapshot.keeper",
+                   "--shm-root", str(self.shm_root), "--node-index", str(self.node_index + i),
+                   "--num-nodes", str(num_nodes), "--port", str(port),
+                   "--local-ranks", str(nproc // simulated), "--checkpoint-dir",
+                   cfg.checkpoint.dir, "--keep", str(cfg.checkpoint.keep)]
+            peer = peer or flags.keeper_peer
+            if cfg.checkpoint.replicas and peer:
+                cmd += ["--peer", peer]
+            self.commands.append(cmd)
+        self.procs: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PERENNIAL_SHM_ROOT": str(self.shm_root),
+            "PERENNIAL_KEEPERS": ",".join(f"127.0.0.1:{p}" for p in self.ports),
+            "PERENNIAL_NODE_INDEX": str(self.node_index),
+        }
+
+    def start(self) -> None:
+        self.procs = [subprocess.Popen(cmd) for cmd in self.commands]
+        for port in self.ports:
+            _wait_listening(port)
+        self._watcher = threading.Thread(target=self._restart_dead, daemon=True)
+        self._watcher.start()
+
+    def _restart_dead(self) -> None:
+        while not self._stopping.wait(0.2):
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self._stopping.is_set():
+                    print(f"keeper of node {self.node_index + i} exited ({proc.returncode}); "
+                          "restarting it", file=sys.stderr, flush=True)
+                    self.procs[i] = subprocess.Popen(self.commands[i])
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_listening(port: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"keeper on port {port} did not start") from None
+            time.sleep(0.05)
+
+
+def keepers_wanted(cfg) -> bool:
+    return bool(cfg.checkpoint.enabled and cfg.checkpoint.interval > 0)
+

@@ -10,7 +10,10 @@ import sys
 
 from launch.args import parse_job_args
 from launch.keepers import KeeperGroup, keepers_wanted
+from launch.preflight import preflight
 from trainer.config_loader import load_config, to_yaml, validate_layout
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as trainer/snapshots.py exits
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,7 @@ def train_command(argv: list[str]) -> int:
     if flags.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    preflight(cfg, flags.nproc, _min_nodes(flags.nnodes), flags.rdzv_endpoint)
     keepers = KeeperGroup(cfg, flags.nproc, flags) if keepers_wanted(cfg) else None
     if keepers is not None:
         keepers.start()
@@ -76,14 +80,32 @@ def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
     return cmd + ["-m", "trainer", *worker_argv]
 
 
+# With the rendezvous TCPStore shared with the workers (torch's default), a restarted group
+# can read its peers' addresses from the previous attempt and fail to connect (pytorch#135712);
+# a store of its own per restart round avoids that.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def _run_torchrun(flags, worker_argv: list[str]) -> int:
-    proc = subprocess.Popen(torchrun_command(flags, worker_argv))
-    # Slurm preemption: torchrun passes SIGTERM on to the workers, which save and exit 143.
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    env = {**os.environ, **TORCHRUN_ENV}
+    proc = subprocess.Popen(torchrun_command(flags, worker_argv), env=env)
+    # Slurm preemption: torchrun passes SIGTERM on to the workers, which save and exit 143;
+    # torchrun itself then ends with a traceback and code 1, so the launcher answers 143.
+    terminated = []
+
+    def forward(*_):
+        terminated.append(True)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         code = proc.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        print(f"perennial: stopped by SIGTERM (exit code {PREEMPTED_EXIT_CODE}: requeue to "
+              "resume from the final checkpoint)", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if code != 0:
         print(
             f"error: training failed (torchrun exit code {code}); see the worker output above",

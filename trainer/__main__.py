@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         Trainer(cfg).train()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears down its connections while a peer still uses them
     except ValueError as err:  # user errors found while building (data files, checkpoints)
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {one_line(err)}", file=sys.stderr)

@@ -149,7 +149,8 @@ class SnapshotEngine:
                 with torch.no_grad():
                     for i, (dst, src) in enumerate(pairs):
                         if i == len(pairs) // 2:
-                            faults.maybe_pause("copy", f"rank {self.rank} step {done['step']}")
+                            faults.maybe_pause("copy", done["step"],
+                                              f"rank {self.rank} step {done['step']}")
                         dst.copy_(src)
             self.client.request(done)
         except (OSError, RuntimeError) as err:

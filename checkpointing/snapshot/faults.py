@@ -1,8 +1,9 @@
 """Fault-injection points for the fault-injection tests (like NVIDIA's resiliency injector).
 
-`PERENNIAL_FAULT_PAUSE=<point>:<seconds>:<marker>` pauses the first time `<point>` ("copy",
-"persist") is reached in any process (the `<marker>` file records it) and prints a line naming
-it and the pid, so a test can SIGKILL that process at exactly that point.
+`PERENNIAL_FAULT_PAUSE=<point>[@<step>]:<seconds>:<marker>` pauses the first time `<point>`
+("copy", "persist") is reached in any process, at step `<step>` or later (the `<marker>` file
+records it), and prints a line naming it and the pid, so a test can SIGKILL that process at
+exactly that point.
 `PERENNIAL_KEEPER_MAX_FILE_BYTES=<n>` caps the file size (RLIMIT_FSIZE) while the keeper
 persists: writes past it fail with EFBIG like a full disk. Unset, both do nothing.
 """
@@ -17,11 +18,12 @@ import sys
 import time
 
 
-def maybe_pause(point: str, what: str) -> None:
+def maybe_pause(point: str, step: int, what: str) -> None:
     spec = os.environ.get("PERENNIAL_FAULT_PAUSE", "")
-    name, _, rest = spec.partition(":")
+    where, _, rest = spec.partition(":")
     seconds, _, marker = rest.partition(":")
-    if name != point or not marker:
+    name, _, from_step = where.partition("@")
+    if name != point or not marker or step < int(from_step or 0):
         return
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -32,13 +34,18 @@ def maybe_pause(point: str, what: str) -> None:
     time.sleep(float(seconds or 10))
 
 
+def install_in_keeper() -> None:
+    """From the keeper's main thread (signal handlers can be set nowhere else)."""
+    if os.environ.get("PERENNIAL_KEEPER_MAX_FILE_BYTES"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+
+
 @contextlib.contextmanager
 def persist_file_size_limit():
     limit = os.environ.get("PERENNIAL_KEEPER_MAX_FILE_BYTES")
     if not limit:
         yield
         return
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
     before = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), before[1]))
     try:

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    faults.install_in_keeper()
     keeper.restore_from_peer()
     server = _Server((keeper.args.bind, keeper.args.port), _Handler)
     server.keeper = keeper  # type: ignore[attr-defined]

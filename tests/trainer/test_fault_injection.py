@@ -124,7 +124,8 @@ def test_sigkill_random_ranks_repeatedly(tmp_path, data_cache, reference):
     rng = random.Random(int(os.environ.get("PERENNIAL_FAULT_SEED", time.time())))
     run = Run(tmp_path / "run", data_cache)
     killed_after = []
-    for target in sorted(rng.sample(range(2, STEPS - 1), 3)):
+    # From INTERVAL + 1 on, a complete snapshot exists (before it, a restart starts afresh).
+    for target in sorted(rng.sample(range(INTERVAL + 1, STEPS - 1), 3)):
         run.wait_for_step(max(target, run.last_step() + 1))
         killed_after.append(run.kill_worker(rng.randrange(2)))
         run.wait_for(r"resumed from" + r"[\s\S]*resumed from" * (len(killed_after) - 1))
@@ -133,7 +134,7 @@ def test_sigkill_random_ranks_repeatedly(tmp_path, data_cache, reference):
 
 
 def test_sigkill_during_snapshot_copy(tmp_path, data_cache, reference):
-    pause = f"copy:30:{tmp_path / 'paused'}"
+    pause = f"copy@{2 * INTERVAL}:30:{tmp_path / 'paused'}"  # a complete snapshot exists
     run = Run(tmp_path / "run", data_cache, env={"PERENNIAL_FAULT_PAUSE": pause})
     pid = int(run.wait_for(r"paused in copy \(rank \d step (\d+)\) pid (\d+)").group(2))
     step = run.last_step()

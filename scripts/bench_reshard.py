@@ -140,17 +140,22 @@ def report(nbytes: int, results: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def markdown(quick: bool, repeats: int = 3) -> str:
+    """The report section; `quick`: ~50 MB of state and 2 repeats instead of ~1 GB."""
+    # width is odd so no layout splits it evenly; 3 tensors (weight + 2 moments) per parameter
+    width, depth = (1001, 4) if quick else (2999, 10)
+    repeats = 2 if quick else repeats
+    nbytes, results = run(width, depth, repeats)
+    return report(nbytes, results, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~50 MB of state, 2 repeats")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")
     args = parser.parse_args()
-    # width is odd so no layout splits it evenly; 3 tensors (weight + 2 moments) per parameter
-    width, depth = (1001, 4) if args.quick else (2999, 10)
-    repeats = 2 if args.quick else args.repeats
-    nbytes, results = run(width, depth, repeats)
-    text = report(nbytes, results, repeats)
+    text = markdown(args.quick, args.repeats)
     if args.out == "-":
         print(text)
     else:

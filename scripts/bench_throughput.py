@@ -143,6 +143,13 @@ def report(results: dict[str, list[float]], steps: int) -> str:
     return "\n".join(lines)
 
 
+def markdown(quick: bool, steps: int = 60, rounds: int = 2) -> str:
+    """The report section; `quick`: 30 steps, one round."""
+    steps = 30 if quick else steps
+    rounds = 1 if quick else rounds
+    return report(run(steps, rounds), steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 steps per variant")
@@ -150,9 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all loops")
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")
     args = parser.parse_args()
-    steps = 30 if args.quick else args.steps
-    rounds = 1 if args.quick else args.rounds
-    text = report(run(steps, rounds), steps)
+    text = markdown(args.quick, args.steps, args.rounds)
     if args.out == "-":
         print(text)
     else:

@@ -49,3 +49,17 @@ def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
+
+
+def disk_write_bandwidth(directory: str | os.PathLike, nbytes: int = 256 * 2**20) -> float:
+    """Sequential write + fsync of `nbytes` into `directory`, in bytes per second."""
+    block = os.urandom(4 * 2**20)
+    path = Path(directory) / "bench-disk-probe.bin"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(max(1, nbytes // len(block))):
+            f.write(block)
+        os.fsync(f.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return max(1, nbytes // len(block)) * len(block) / elapsed

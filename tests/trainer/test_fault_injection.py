@@ -4,6 +4,7 @@ and lose at most `checkpoint.interval` steps per failure."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -32,6 +33,8 @@ JOB = [f"schedule.total_steps={STEPS}", f"train.max_steps={STEPS}",
 class Run:
     """A `perennial train` launcher whose output is read live, so faults can follow progress."""
 
+    started: list[Run] = []
+
     def __init__(self, run_dir: Path, cache: Path, *extra: str, env: dict | None = None):
         self.run_dir = run_dir
         args = [*tiny_job(run_dir, cache, *JOB), "--nproc", "2", "--max-restarts", "4"]
@@ -43,6 +46,20 @@ class Run:
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        Run.started.append(self)
+
+    def kill_all(self) -> None:
+        """A failed test leaves nothing running: launcher, torchrun, workers, keepers."""
+        if self.proc.poll() is not None:  # ended and reaped: its pid may be another's now
+            return
+        try:
+            tree = [*psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for process in [*tree, psutil.Process(self.proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        shutil.rmtree(SHM_BASE / job_id(str(self.run_dir)), ignore_errors=True)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -96,6 +113,13 @@ class Run:
         assert self.proc.returncode == 0, self.log
         assert not (SHM_BASE / job_id(str(self.run_dir))).exists(), "shared memory left behind"
         return self.log
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_runs():
+    yield
+    while Run.started:
+        Run.started.pop().kill_all()
 
 
 def resumes(log: str) -> list[tuple[str, int]]:

@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpointing import CheckpointManager, model_tensors, optimizer_tensors  # noqa: E402
 from launch.spawn import run_distributed  # noqa: E402
-from scripts.report import fmt_seconds, machine_facts, median_spread, replace_section, verdict  # noqa: E402
+from scripts.report import emit, fmt_seconds, machine_facts, median_spread, verdict  # noqa: E402
 
 
 def build_state(width: int, depth: int, layout: str):
@@ -156,11 +156,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")
     args = parser.parse_args()
     text = markdown(args.quick, args.repeats)
-    if args.out == "-":
-        print(text)
-    else:
-        replace_section("reshard", text, Path(args.out))
-        print(f"wrote the reshard section of {args.out}")
+    emit("reshard", text, args.out)
 
 
 if __name__ == "__main__":

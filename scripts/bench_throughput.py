@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.report import REPO, machine_facts, replace_section, verdict  # noqa: E402
+from scripts.report import REPO, emit, machine_facts, verdict  # noqa: E402
 from trainer.model import Llama, ModelConfig  # noqa: E402
 
 GLOBAL_BATCH, MICRO, SEQ, VOCAB, LOG_EVERY, WARMUP_STEPS = 16, 8, 128, 258, 10, 10
@@ -158,11 +158,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")
     args = parser.parse_args()
     text = markdown(args.quick, args.steps, args.rounds)
-    if args.out == "-":
-        print(text)
-    else:
-        replace_section("throughput", text, Path(args.out))
-        print(f"wrote the throughput section of {args.out}")
+    emit("throughput", text, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     path.write_text(text)
 
 
+def emit(section: str, text: str, out: str) -> None:
+    """Print the report (`out` is -) or write it as `section` of the markdown file `out`."""
+    if out == "-":
+        print(text)
+    else:
+        replace_section(section, text, Path(out))
+        print(f"wrote the {section} section of {out}")
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 

@@ -1,6 +1,7 @@
 """`perennial ckpt`: import foreign checkpoints, export Hugging Face directories.
 
-    perennial ckpt import SRC OUT                 SRC: a Hugging Face model directory
+    perennial ckpt import SRC OUT                 SRC: a Hugging Face model directory, a
+                                                  DeepSpeed ZeRO checkpoint or ds_to_universal dir
     perennial ckpt export PATH OUT --format hf [--max-shard-size 5GB] [--dtype float32]
 
 Every other subcommand (inspect, verify, export --format safetensors) is checkpointing.cli's.
@@ -41,15 +42,15 @@ def _wants_hf(argv: list[str]) -> bool:
 
 def detect_source_kind(path: str | os.PathLike) -> SourceKind:
     """What kind of checkpoint `path` is; ValueError (one line) when it is none we know."""
-    from trainer.model.hf_io import CONFIG_FILE, is_hf_dir
-
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory")
+    if _is_deepspeed_dir(path):  # first: the HF check imports the model code (seconds)
+        return "deepspeed"
+    from trainer.model.hf_io import CONFIG_FILE, is_hf_dir
+
     if is_hf_dir(path):
         return "hf"
-    if _is_deepspeed_dir(path):
-        return "deepspeed"
     try:
         resolve_checkpoint(path)
         return "perennial"
@@ -61,8 +62,11 @@ def detect_source_kind(path: str | os.PathLike) -> SourceKind:
 
 
 def _is_deepspeed_dir(path: Path) -> bool:
-    """A DeepSpeed save dir (`global_stepN/` with *_model_states.pt) or one such step dir."""
+    """A DeepSpeed save dir (`global_stepN/` with *_model_states.pt), one such step dir, or a
+    ds_to_universal output dir (`zero/<param>/fp32.pt`)."""
     step_dirs = [path, *path.glob("global_step*")]
+    if any(path.glob("zero/*/fp32.pt")):
+        return True
     return any(any(d.glob("*model_states.pt")) for d in step_dirs if d.is_dir())
 
 
@@ -72,13 +76,22 @@ def _import_hf(src: Path, out: Path) -> Path:
     return import_hf_checkpoint(src, out)
 
 
-# Importers by source kind; a DeepSpeed importer registers here as "deepspeed".
-IMPORTERS: dict[str, Callable[[Path, Path], Path]] = {"hf": _import_hf}
+def _import_deepspeed(src: Path, out: Path) -> Path:
+    from checkpointing.deepspeed.importer import import_deepspeed_checkpoint
+
+    return import_deepspeed_checkpoint(src, out)
+
+
+# Importers by source kind.
+IMPORTERS: dict[str, Callable[[Path, Path], Path]] = {
+    "hf": _import_hf, "deepspeed": _import_deepspeed,
+}
 
 
 def _import(argv: list[str]) -> int:
     parser = _Parser(prog="perennial ckpt import", description="Import a foreign checkpoint.")
-    parser.add_argument("src", help="a Hugging Face model directory")
+    parser.add_argument("src", help="a Hugging Face model dir, DeepSpeed checkpoint or "
+                        "ds_to_universal dir")
     parser.add_argument("out", help="checkpoint root to create (must not exist or be empty)")
     args = parser.parse_args(argv)
     src, out = Path(args.src), Path(args.out)

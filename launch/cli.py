@@ -12,6 +12,7 @@ commands:
   train [CONFIG] [key=value ...] [--nproc N] [--max-restarts K] [--dry-run]
   ckpt {inspect,verify,export} PATH ...
   schedule [CONFIG] [key=value ...] [--plot OUT.png]
+  slurm [CONFIG] [key=value ...] --nodes N --gpus-per-node G [--submit]
 """
 
 

@@ -51,6 +51,9 @@ class KeeperGroup:
             peer = peer or flags.keeper_peer
             if cfg.checkpoint.replicas and peer:
                 cmd += ["--peer", peer]
+            # Only keepers that replicate across real nodes are reached from other hosts.
+            cross_node = bool(cfg.checkpoint.replicas and flags.keeper_peer and simulated == 1)
+            cmd += ["--bind", "0.0.0.0" if cross_node else "127.0.0.1"]
             self.commands.append(cmd)
         self.procs: list[subprocess.Popen] = []
         self._stopping = threading.Event()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -56,6 +57,7 @@ def slurm_command(argv: list[str]) -> int:
     nproc = workers_per_node(flags.gpus_per_node, flags.nproc_per_node)
     if flags.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {flags.nodes}")
+    validate_time(flags.time)
     cfg = load_config(args.config, args.overrides)
     validate_hang_timeout(cfg.train.hang_timeout_s)
     check_world_size(cfg, nproc, flags.nodes)
@@ -83,6 +85,18 @@ def workers_per_node(gpus_per_node: int, nproc_per_node: int) -> int:
             f"({gpus_per_node}): one worker per GPU"
         )
     return gpus_per_node
+
+
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, and UNLIMITED/INFINITE.
+TIME_FORMAT = re.compile(r"(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)")
+
+
+def validate_time(time_limit: str) -> None:
+    if time_limit and not TIME_FORMAT.fullmatch(time_limit.upper()):
+        raise ValueError(
+            f"--time {time_limit!r} is not a Slurm time limit (MINUTES, HH:MM:SS or "
+            f"DAYS-HH:MM:SS)"
+        )
 
 
 def job_name(flags, cfg) -> str:

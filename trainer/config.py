@@ -68,9 +68,16 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = "fsdp"
-    """Data parallelism: fsdp (FSDP2 fully_shard) or ddp."""
+    """Data parallelism: fsdp (FSDP2 fully_shard), ddp, or deepspeed (a ZeRO engine)."""
     tp: int = 1
     """Tensor-parallel degree; the data-parallel degree is world_size / tp."""
+    zero_stage: int = 1
+    """With strategy=deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ weights)
+    partitioned over the data-parallel ranks."""
+    ds_config: str = ""
+    """With strategy=deepspeed: optional DeepSpeed JSON merged into the config derived from ours;
+    a key that contradicts ours (batch sizes, clipping, precision, stage, optimizer, scheduler)
+    is an error naming both keys ("auto" takes ours)."""
 
 
 @dataclass
@@ -117,6 +124,41 @@ class InitConfig:
 
 
 @dataclass
+class GrowConfig:
+    """Mid-run model growth (`grow.*`): at step `at_step` the trainer applies the same transform
+    as `perennial grow KIND` (trainer/growth/) to its live state and continues; see
+    trainer/growth/midrun.py."""
+
+    at_step: int = 0
+    """Step boundary at which the model grows; 0 = never."""
+    kind: str = "upcycle"
+    """upcycle (dense -> MoE) or stack (deeper)."""
+    optimizer: str = "copy"
+    """copy/keep: carry AdamW moments into the grown parameters; reset: start them fresh."""
+    num_experts: int = 8
+    """upcycle: copies of each dense MLP (--num-experts)."""
+    top_k: int = 2
+    """upcycle: experts per token (--top-k)."""
+    granularity: int = 1
+    """upcycle: split each MLP into G experts (--granularity)."""
+    router_init: str = "auto"
+    """upcycle: auto, normal or virtual-group (--router-init)."""
+    router: str = "softmax_topk_renorm"
+    """upcycle: the MoE router (--router)."""
+    every: int = 1
+    """upcycle: layer i is MoE when (i+1) % every == 0; stack interleave-identity: insert
+    after every n-th block (--every)."""
+    method: str = "gstack"
+    """stack: gstack, interleave-identity or dus (--method)."""
+    factor: int = 2
+    """stack gstack: repeat the stack this many times (--factor)."""
+    layers: str = ""
+    """stack dus: source layer ranges, e.g. 0:24,8:32 (--layers)."""
+    freeze_old: bool = False
+    """stack interleave-identity: train only the inserted blocks (--freeze-old)."""
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,3 +171,4 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)

@@ -103,8 +103,11 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"optim.name: unknown optimizer {cfg.optim.name!r}; available: adamw")
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.parallel.strategy not in ("fsdp", "ddp"):
-        raise ValueError(f"parallel.strategy must be fsdp or ddp, got {cfg.parallel.strategy!r}")
+    if cfg.parallel.strategy not in ("fsdp", "ddp", "deepspeed"):
+        raise ValueError(
+            f"parallel.strategy must be fsdp, ddp or deepspeed, got {cfg.parallel.strategy!r}"
+        )
+    _validate_deepspeed(cfg)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(
             f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})"
@@ -133,6 +136,25 @@ def _validate_tp(cfg: JobConfig) -> None:
         raise ValueError("model.tie_embeddings is not supported with parallel.tp > 1")
 
 
+def _validate_deepspeed(cfg: JobConfig) -> None:
+    p = cfg.parallel
+    if p.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
+    if p.ds_config and p.strategy != "deepspeed":
+        raise ValueError("parallel.ds_config needs parallel.strategy=deepspeed")
+    if p.strategy != "deepspeed":
+        return
+    if p.tp > 1:
+        raise ValueError("parallel.strategy=deepspeed supports parallel.tp=1 only")
+    if cfg.checkpoint.interval > 0:
+        raise ValueError("checkpoint.interval (memory snapshots) is not supported with "
+                         "parallel.strategy=deepspeed; use checkpoint.persist_interval")
+    if p.ds_config:
+        from trainer.parallel.deepspeed_backend import load_user_ds_config
+
+        load_user_ds_config(p.ds_config)
+
+
 def validate_layout(cfg: JobConfig, world_size: int) -> None:
     """Checks that depend on the number of processes."""
     tp = cfg.parallel.tp
@@ -145,6 +167,10 @@ def validate_layout(cfg: JobConfig, world_size: int) -> None:
             f"train.global_batch_size ({cfg.train.global_batch_size}) is not divisible by "
             f"data-parallel size ({dp}) × train.micro_batch_size ({cfg.train.micro_batch_size})"
         )
+    if cfg.parallel.strategy == "deepspeed":
+        from trainer.parallel.deepspeed_backend import check_ds_config
+
+        check_ds_config(cfg, world_size)
 
 
 def to_yaml(cfg: JobConfig) -> str:

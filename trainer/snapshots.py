@@ -104,7 +104,13 @@ class Snapshots:
         """Before the final save: let the keeper finish; skip the save if it committed it."""
         if self.engine is None:
             return
-        status = self.engine.drain()
+        try:
+            status = self.engine.drain()
+        except (OSError, RuntimeError) as err:
+            # Under Slurm the keeper gets the job's SIGTERM too and may be gone: save directly.
+            print(f"warning: snapshot keeper unavailable ({err}); saving step "
+                  f"{self.state.step} to disk directly", file=sys.stderr, flush=True)
+            status = {}
         persisted = status.get("persisted_step") == self.state.step
         if not collectives.agree_on_problem(None if persisted else "not persisted", None):
             self.state.last_saved_step = self.state.step

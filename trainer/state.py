@@ -21,6 +21,7 @@ from checkpointing import (
 )
 from trainer.config_loader import to_yaml
 from trainer.distributed import rng_state, seed_rng, set_rng_state
+from trainer.model.moe import expert_layouts
 from trainer.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -38,7 +39,12 @@ class TrainState:
         self.phase: dict = {}
         self.last_saved_step = -1
         ckpt = self.cfg.checkpoint
-        self.manager = CheckpointManager(ckpt.dir, keep=ckpt.keep) if ckpt.enabled else None
+        self.layouts = expert_layouts(self.cfg.model)
+        self.manager = (
+            CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
+            if ckpt.enabled
+            else None
+        )
         self.snapshots = Snapshots(self)
 
     # -- what gets saved ------------------------------------------------------------------
@@ -53,6 +59,8 @@ class TrainState:
 
     def tensors(self, with_optimizer: bool = True) -> tuple[dict, dict]:
         model, optim = self.trainer.model, self.trainer.optimizer
+        if getattr(self.trainer, "deepspeed", None) is not None:  # ZeRO partitions as boxes
+            return self.trainer.deepspeed.tensors(with_optimizer)
         tensors = model_tensors(model)
         optim_json: dict = {}
         if with_optimizer:
@@ -70,14 +78,21 @@ class TrainState:
             "data": self.trainer.data.state_dict(),
             "optimizer": optim_json,
             "layout": self.layout(),
-            "config": to_yaml(self.cfg),
+            "config": self._config_yaml(),
         }
+
+    def _config_yaml(self) -> str:
+        """The config is fixed once training runs; rendering it costs ~20 ms per snapshot."""
+        if getattr(self, "_config_yaml_text", None) is None:
+            self._config_yaml_text = to_yaml(self.cfg)
+        return self._config_yaml_text
 
     # -- save -----------------------------------------------------------------------------
     def maybe_save(self) -> None:
         if self.snapshots.after_step():  # the keeper persists
             return
-        if self.step % self.cfg.checkpoint.persist_interval == 0:
+        due = self.step % self.cfg.checkpoint.persist_interval == 0
+        if due and self.step != self.last_saved_step:  # mid-run growth saves its own step
             self.save()
 
     def save_final(self) -> None:
@@ -92,6 +107,18 @@ class TrainState:
         rank_state = {"rng": rng_state(self.trainer.dist.device)}
         self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
         self.last_saved_step = self.step
+
+    # -- mid-run growth (trainer/growth/midrun.py) -------------------------------------------
+    def rebuild_manager(self) -> None:
+        """Declare the (grown) model's expert layouts to the checkpoint manager."""
+        self.layouts = expert_layouts(self.cfg.model)
+        if self.manager is not None:
+            ckpt = self.cfg.checkpoint
+            self.manager = CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
+
+    def apply_grown(self, tensors: dict, optim_json: dict) -> None:
+        apply_model_tensors(self.trainer.model, tensors)
+        apply_optimizer_tensors(self.trainer.model, self.trainer.optimizer, tensors, optim_json)
 
     # -- restore --------------------------------------------------------------------------
     def restore(self) -> int:
@@ -128,16 +155,19 @@ class TrainState:
         what = "weights" + (" + optimizer" if init.load_optimizer else "")
         self._say(f"warm start: {what} from {path} (step {saved['step']})")
 
-    @staticmethod
-    def manager_for(path: Path) -> CheckpointManager:
-        return CheckpointManager(Path(path).parent, keep=1_000_000)
+    def manager_for(self, path: Path) -> CheckpointManager:
+        return CheckpointManager(Path(path).parent, keep=1_000_000, layouts=self.layouts)
 
     def _apply(self, result, tensors: dict, full: bool) -> None:
         model, optim = self.trainer.model, self.trainer.optimizer
         saved = result.global_state
-        apply_model_tensors(model, tensors)
-        if full or self.cfg.init.load_optimizer:
-            apply_optimizer_tensors(model, optim, tensors, saved["optimizer"])
+        with_optimizer = full or self.cfg.init.load_optimizer
+        if getattr(self.trainer, "deepspeed", None) is not None:
+            self.trainer.deepspeed.apply(tensors, saved["optimizer"] if with_optimizer else {})
+        else:
+            apply_model_tensors(model, tensors)
+            if with_optimizer:
+                apply_optimizer_tensors(model, optim, tensors, saved["optimizer"])
         if not full:
             return
         self.step = saved["step"]

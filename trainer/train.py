@@ -13,7 +13,14 @@ from launch.health import HealthMonitor
 from trainer.config import JobConfig
 from trainer.config_loader import save_config, to_yaml, validate_layout
 from trainer.data import IGNORE_INDEX, build_data
-from trainer.distributed import DistInfo, all_reduce_mean, init_distributed
+from trainer.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    init_distributed,
+    rng_state,
+    set_rng_state,
+)
+from trainer.growth.midrun import adopt_grown_init, grow_trainer, model_config_for_resume
 from trainer.metrics import MetricsLogger, Throughput
 from trainer.model import Llama
 from trainer.parallel.dims import ParallelDims
@@ -32,6 +39,12 @@ class Trainer:
         self.dims.build_mesh(self.dist.device.type)
         self.is_main = self.dist.rank == 0
         self.build_data()
+        adopted = adopt_grown_init(self.cfg)  # init.from a grown checkpoint: its shape
+        if adopted:
+            self._say_main(f"model shape from grown init.from: {', '.join(adopted)}")
+        source_model = self.cfg.model
+        self.cfg.model = model_config_for_resume(self.cfg)  # the grown model after grow.at_step
+        self.will_grow = self.cfg.grow.at_step > 0 and self.cfg.model is source_model
         self.build_model()
         self.build_optimizer()
         self.build_schedule()
@@ -52,6 +65,8 @@ class Trainer:
         # Every rank initialises the full model from the same seed, so the weights are the
         # same whatever the layout; parallelize then keeps each rank's shard.
         model.init_weights(torch.Generator().manual_seed(self.cfg.train.seed))
+        for layer in self.cfg.model.frozen_layers:  # e.g. after `grow stack --freeze-old`
+            model.layers[str(layer)].requires_grad_(False)
         self.plain_model = model.to(self.dist.device)
         self.model = parallelize_llama(
             self.plain_model,
@@ -76,6 +91,13 @@ class Trainer:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.deepspeed = None
+        if self.cfg.parallel.strategy == "deepspeed":  # ZeRO wraps the model and our AdamW
+            from trainer.parallel.deepspeed_backend import DeepSpeedBackend
+
+            self.deepspeed = DeepSpeedBackend(self.cfg, self.model, self.optimizer,
+                                              self.dist.world_size, self.param_dtype)
+            self.model = self.deepspeed.engine
 
     def build_schedule(self) -> None:
         tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -103,6 +125,8 @@ class Trainer:
             self.state.step += 1
             progress.update(1)
             self.maybe_log(record)
+            if self.will_grow and self.state.step == self.cfg.grow.at_step:
+                self.grow()
             self.state.maybe_save()
             self.health.step_finished()
         progress.close()
@@ -110,11 +134,42 @@ class Trainer:
         self.metrics.close()
         self.health.close()
 
+    def grow(self) -> None:
+        """Mid-run growth at this step boundary (trainer/growth/midrun.py), then a checkpoint."""
+        grow_trainer(self)
+        self.will_grow = False
+        self._say_main(f"grew the model ({self.cfg.grow.kind}) at step {self.state.step}")
+        self.state.save()
+
+    def rebuild_for_growth(self) -> None:
+        """Build, parallelize and optimize `cfg.model` again; the RNG streams are kept."""
+        rng = rng_state(self.dist.device)
+        self.build_model()
+        self.build_optimizer()
+        set_rng_state(rng, self.dist.device)
+        self.state.rebuild_manager()
+        self.throughput.flops_per_token = self.plain_model.flops_per_token(self.cfg.data.seq_len)
+
+    def _say_main(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
     def train_step(self) -> dict:
         micro_batches = self.data.next_step_batches(self.dims.dp_rank(), self.dims.dp)
         lr = self.schedule.lr(self.state.schedule_offset + self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.deepspeed is not None:
+            loss_sum, grad_norm = self.deepspeed.train_step(micro_batches, self.forward_loss)
+        else:
+            loss_sum, grad_norm = self._accumulate_and_step(micro_batches)
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        self.throughput.add(tokens)
+        self.state.tokens_seen += tokens
+        loss = all_reduce_mean(loss_sum, self.dims["dp"].get_group())
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _accumulate_and_step(self, micro_batches) -> tuple[torch.Tensor, float]:
         loss_sum = torch.zeros((), device=self.dist.device)
         for index, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
@@ -125,22 +180,21 @@ class Trainer:
         self.state.snapshots.before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
-        self.throughput.add(tokens)
-        self.state.tokens_seen += tokens
-        loss = all_reduce_mean(loss_sum, self.dims["dp"].get_group())
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        return loss_sum, grad_norm
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
         inputs, targets = inputs.to(self.dist.device), targets.to(self.dist.device)
         with self._autocast():
             logits = self.model(inputs)
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
         )
+        if reduction == "mean" and self.cfg.model.moe.enabled():  # training, not evaluation
+            loss = loss + self.plain_model.aux_loss()
+        return loss
 
     def _autocast(self):
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); otherwise autocast does.

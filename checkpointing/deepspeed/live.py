@@ -158,6 +158,9 @@ def _ensure_adam_state(zero, flat_buffers) -> None:
     if missing:
         raise ValueError(f"DeepSpeed optimizer state lacks {sorted(set(missing))} (Adam only)")
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 links moment views
+        # DeepSpeed links them once, after the first group's step, so later groups' fragments
+        # stay empty (safe_get_full_optimizer_state then fails); link again, all groups.
+        zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
 
 

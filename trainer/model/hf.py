@@ -6,9 +6,10 @@ reshaping (tests/trainer/model/test_hf.py checks the logits). Meta's original
 `consolidated.*.pth` weights use interleaved-pair RoPE and would need wq/wk permuted; importing
 them is deliberately left out (convert them with transformers' script first).
 
-Families are registered by our `model.name` in `FAMILIES`. A `mixtral` family slots in once
-the MoE model exists: its own name rules (router and expert weights), `MixtralConfig`, and
-config mappings, with the same `HFFamily` fields.
+A dense `llama` model is `LlamaForCausalLM`; one with `model.moe.num_experts > 0` is
+`MixtralForCausalLM` (trainer/model/hf_mixtral.py: one HF tensor per expert, router renamed).
+`family_of_config` picks the family of a model config, `family_of_hf_config` that of a
+config.json.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from transformers import LlamaConfig, PretrainedConfig
+from transformers import LlamaConfig, MixtralConfig, PretrainedConfig
 
-from trainer.model import hf_names
+from trainer.model import hf_mixtral, hf_names
 from trainer.model.config import ModelConfig
 
 
@@ -35,8 +36,10 @@ class HFFamily:
     architecture: str
     """HF config.json `architectures[0]`."""
     config_class: type[PretrainedConfig]
-    to_hf_name: Callable[[str], str]
-    from_hf_name: Callable[[str], str]
+    to_hf_names: Callable[[str, int], list[tuple[str, int | None]]]
+    """(HF name, row or None) for one of our parameters and its leading dimension: most map
+    one-to-one (None); a stacked expert tensor maps to one HF tensor per row."""
+    state_from_hf: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     overrides_from_hf: Callable[[PretrainedConfig, str], dict[str, Any]]
     hf_config_kwargs: Callable[[ModelConfig], dict[str, Any]]
 
@@ -92,24 +95,45 @@ def _llama_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _llama_to_hf_names(name: str, rows: int) -> list[tuple[str, int | None]]:
+    return [(hf_names.to_hf_name(name), None)]
+
+
+def _llama_state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    kept = (name for name in state if not hf_names.is_ignored_hf(name))
+    return {hf_names.from_hf_name(name): state[name] for name in kept}
+
+
 LLAMA = HFFamily(
     name="llama",
     model_type="llama",
     architecture="LlamaForCausalLM",
     config_class=LlamaConfig,
-    to_hf_name=hf_names.to_hf_name,
-    from_hf_name=hf_names.from_hf_name,
+    to_hf_names=_llama_to_hf_names,
+    state_from_hf=_llama_state_from_hf,
     overrides_from_hf=_llama_overrides,
     hf_config_kwargs=_llama_hf_kwargs,
 )
+MIXTRAL = HFFamily(
+    name="llama",
+    model_type="mixtral",
+    architecture="MixtralForCausalLM",
+    config_class=MixtralConfig,
+    to_hf_names=hf_mixtral.to_hf_names,
+    state_from_hf=hf_mixtral.state_from_hf,
+    overrides_from_hf=hf_mixtral.mixtral_overrides,
+    hf_config_kwargs=hf_mixtral.mixtral_hf_kwargs,
+)
 FAMILIES: dict[str, HFFamily] = {LLAMA.name: LLAMA}
+"""Dense families by our `model.name`; `family_of_config` adds MoE."""
+HF_FAMILIES = (LLAMA, MIXTRAL)
 
 
 def family_of_hf_config(config_json: dict[str, Any], source: str = "config.json") -> HFFamily:
     """The family of an HF config.json, by `model_type` (and `architectures` when present)."""
     model_type = config_json.get("model_type")
     architectures = config_json.get("architectures") or []
-    for family in FAMILIES.values():
+    for family in HF_FAMILIES:
         if model_type == family.model_type:
             if architectures and architectures[0] != family.architecture:
                 raise ValueError(
@@ -117,7 +141,7 @@ def family_of_hf_config(config_json: dict[str, Any], source: str = "config.json"
                     f"(supported: {family.architecture})"
                 )
             return family
-    supported = ", ".join(f.architecture for f in FAMILIES.values())
+    supported = ", ".join(f.architecture for f in HF_FAMILIES)
     found = architectures[0] if architectures else model_type
     raise ValueError(f"{source}: architecture {found!r} is not supported (supported: {supported})")
 
@@ -126,6 +150,12 @@ def family_of_model(name: str) -> HFFamily:
     if name not in FAMILIES:
         raise ValueError(f"model.name {name!r} has no Hugging Face export (have: {list(FAMILIES)})")
     return FAMILIES[name]
+
+
+def family_of_config(cfg: ModelConfig) -> HFFamily:
+    """Mixtral for an MoE model, else the dense family of `model.name`."""
+    family = family_of_model(cfg.name)
+    return MIXTRAL if cfg.moe.enabled() and family is LLAMA else family
 
 
 def hf_config_to_model_overrides(
@@ -152,9 +182,7 @@ def model_config_to_hf(
 ) -> dict[str, Any]:
     """A config.json (as a dict) for our `model:` section, built by transformers' config class."""
     cfg = model_config_from_dict(model_cfg)
-    family = family_of_model(cfg.name)
-    if cfg.moe.enabled():
-        raise ValueError("model.moe: MoE models have no Hugging Face export yet (mixtral family)")
+    family = family_of_config(cfg)
     hf = family.config_class(
         architectures=[family.architecture],
         bos_token_id=bos_token_id,
@@ -179,19 +207,32 @@ def model_config_from_dict(model_cfg: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def to_hf(state: dict[str, torch.Tensor], family: str = "llama") -> dict[str, torch.Tensor]:
-    """Rename our parameter names (no `model.` checkpoint prefix) to HF names; same tensors."""
-    rename = family_of_model(family).to_hf_name
-    return {rename(name): tensor for name, tensor in state.items()}
+def _family(family: str | HFFamily) -> HFFamily:
+    if isinstance(family, HFFamily):
+        return family
+    return MIXTRAL if family == "mixtral" else family_of_model(family)
+
+
+def to_hf(
+    state: dict[str, torch.Tensor], family: str | HFFamily = "llama"
+) -> dict[str, torch.Tensor]:
+    """Our parameters (no `model.` checkpoint prefix) under HF names; the same tensors, or
+    views of their rows for stacked experts (family "mixtral")."""
+    to_hf_names = _family(family).to_hf_names
+    out = {}
+    for name, tensor in state.items():
+        for hf_name, row in to_hf_names(name, tensor.shape[0] if tensor.dim() else 0):
+            out[hf_name] = tensor if row is None else tensor[row]
+    return out
 
 
 def from_hf(
-    state: dict[str, torch.Tensor], family: str = "llama", tie_embeddings: bool = False
+    state: dict[str, torch.Tensor], family: str | HFFamily = "llama", tie_embeddings: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Rename HF names to ours; a tied checkpoint without `lm_head.weight` gets the embedding
-    as `output.weight`. Old checkpoints' `rotary_emb.inv_freq` buffers are dropped."""
-    rename = family_of_model(family).from_hf_name
-    ours = {rename(name): t for name, t in state.items() if not hf_names.is_ignored_hf(name)}
+    """HF tensors under our names (Mixtral experts stacked); a tied checkpoint without
+    `lm_head.weight` gets the embedding as `output.weight`. Old checkpoints'
+    `rotary_emb.inv_freq` buffers are dropped."""
+    ours = _family(family).state_from_hf(state)
     if tie_embeddings:
         ours["output.weight"] = ours["tok_embeddings.weight"]
     return ours

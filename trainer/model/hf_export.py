@@ -27,7 +27,7 @@ from checkpointing.format import STATE_FILE, read_index, read_json
 from checkpointing.model_state import MODEL_PREFIX
 from checkpointing.reading import ShardFiles
 from trainer.data.tokenizer import ByteTokenizer
-from trainer.model.hf import family_of_model, model_config_from_dict, model_config_to_hf
+from trainer.model.hf import family_of_config, model_config_from_dict, model_config_to_hf
 from trainer.model.hf_io import CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, read_hf_config
 from trainer.model.llama import Llama
 
@@ -69,9 +69,14 @@ def export_hf(
     report = ExportReport(out=out, checkpoint=checkpoint, weight_files=[])
     report.weight_files = _write_weights(checkpoint, out, names, dtype, _size(max_shard_size))
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    config_obj = family_of_model(model_cfg.name).config_class.from_dict(hf_config)
+    config_obj = family_of_config(model_cfg).config_class.from_dict(hf_config)
     GenerationConfig.from_model_config(config_obj).save_pretrained(out)
     _export_tokenizer(tokenizer, out, report)
+    if model_cfg.moe.enabled() and model_cfg.moe.capacity_factor:
+        report.notes.append(
+            f"model.moe.capacity_factor={model_cfg.moe.capacity_factor} dropped tokens in "
+            "training; MixtralForCausalLM routes every token (dropless)"
+        )
     return report
 
 
@@ -87,13 +92,18 @@ def _saved_job_config(checkpoint: Path) -> dict[str, Any]:
     return job
 
 
-def _hf_names_in_order(checkpoint: Path, model_cfg) -> list[tuple[str, str]]:
-    """(checkpoint tensor name, HF name) in HF's order; checks names and shapes first."""
+ExportName = tuple[str, str, int | None]
+"""(checkpoint tensor name, HF name, row of the checkpoint tensor or None for all of it)."""
+
+
+def _hf_names_in_order(checkpoint: Path, model_cfg) -> list[ExportName]:
+    """Every exported tensor in our parameter order (a stacked expert tensor's rows together,
+    so each is read once); checks names and shapes first."""
     index = read_index(checkpoint)
     with torch.device("meta"):
         expected = Llama(model_cfg).state_dict()
-    to_hf_name = family_of_model(model_cfg.name).to_hf_name
-    pairs = []
+    to_hf_names = family_of_config(model_cfg).to_hf_names
+    names = []
     for name, tensor in expected.items():
         saved = index.tensors.get(MODEL_PREFIX + name)
         if saved is None:
@@ -105,8 +115,9 @@ def _hf_names_in_order(checkpoint: Path, model_cfg) -> list[tuple[str, str]]:
             )
         if model_cfg.tie_embeddings and name == "output.weight":
             continue  # HF ties lm_head to embed_tokens and does not save it
-        pairs.append((MODEL_PREFIX + name, to_hf_name(name)))
-    return pairs
+        rows = tensor.shape[0] if tensor.dim() else 0
+        names += [(MODEL_PREFIX + name, hf, row) for hf, row in to_hf_names(name, rows)]
+    return names
 
 
 def _plan_shards(sizes: list[int], max_shard_size: int) -> list[list[int]]:
@@ -123,10 +134,10 @@ def _plan_shards(sizes: list[int], max_shard_size: int) -> list[list[int]]:
 
 
 def _write_weights(
-    checkpoint: Path, out: Path, names: list[tuple[str, str]], dtype: torch.dtype, max_size: int
+    checkpoint: Path, out: Path, names: list[ExportName], dtype: torch.dtype, max_size: int
 ) -> list[str]:
     index = read_index(checkpoint)
-    sizes = [math.prod(index.tensors[ours].shape) * dtype.itemsize for ours, _ in names]
+    sizes = [_numel(index.tensors[ours].shape, row) * dtype.itemsize for ours, _, row in names]
     shards = _plan_shards(sizes, max_size)
     assert sum(map(len, shards)) == len(names)
     files = (
@@ -136,8 +147,9 @@ def _write_weights(
     )
     weight_map: dict[str, str] = {}
     with ShardFiles(checkpoint, index) as reader:
+        read = _LastTensorReader(reader)
         for file, members in zip(files, shards):
-            shard = {names[i][1]: reader.read_tensor(names[i][0]).to(dtype) for i in members}
+            shard = {names[i][1]: read(names[i][0], names[i][2], dtype) for i in members}
             save_file(shard, out / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
             del shard
@@ -145,6 +157,25 @@ def _write_weights(
         meta = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return files
+
+
+def _numel(shape: tuple[int, ...], row: int | None) -> int:
+    return math.prod(shape[1:] if row is not None else shape)
+
+
+class _LastTensorReader:
+    """Reads checkpoint tensors, keeping the last one so its expert rows are read once."""
+
+    def __init__(self, reader: ShardFiles):
+        self.reader = reader
+        self.name: str | None = None
+        self.tensor: torch.Tensor | None = None
+
+    def __call__(self, name: str, row: int | None, dtype: torch.dtype) -> torch.Tensor:
+        if name != self.name:
+            self.name, self.tensor = name, self.reader.read_tensor(name)
+        value = self.tensor if row is None else self.tensor[row]
+        return value.to(dtype).contiguous()
 
 
 def _size(max_shard_size: int | str) -> int:

@@ -18,8 +18,14 @@ import yaml
 from safetensors import safe_open
 
 from checkpointing import CheckpointManager, model_tensors
-from trainer.model.hf import from_hf, hf_config_to_model_overrides, model_config_from_dict
+from trainer.model.hf import (
+    family_of_config,
+    from_hf,
+    hf_config_to_model_overrides,
+    model_config_from_dict,
+)
 from trainer.model.llama import Llama
+from trainer.model.moe import expert_layouts
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -106,6 +112,7 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, out_root: str | os.PathLike)
     hf_dir = Path(hf_dir).expanduser().resolve()
     overrides = hf_model_overrides(hf_dir)
     tensors = _checked_model_tensors(hf_dir, overrides)
+    layouts = expert_layouts(model_config_from_dict(overrides))
     state = {
         "step": 0,
         "tokens_seen": 0,
@@ -115,7 +122,7 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, out_root: str | os.PathLike)
         "config": yaml.safe_dump({"model": overrides, "data": _data_section(hf_dir)}),
         "source": {"format": "hf", "path": str(hf_dir)},
     }
-    return CheckpointManager(out_root, keep=1).save(0, tensors, state)
+    return CheckpointManager(out_root, keep=1, layouts=layouts).save(0, tensors, state)
 
 
 def _checked_model_tensors(hf_dir: Path, overrides: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -125,7 +132,7 @@ def _checked_model_tensors(hf_dir: Path, overrides: dict[str, Any]) -> dict[str,
         expected = model_tensors(Llama(cfg))
     hf_state = dict(iter_hf_tensors(hf_dir))
     try:
-        ours = from_hf(hf_state, cfg.name, tie_embeddings=cfg.tie_embeddings)
+        ours = from_hf(hf_state, family_of_config(cfg), tie_embeddings=cfg.tie_embeddings)
     except ValueError as err:
         raise ValueError(f"{hf_dir}: {err}") from None
     tensors = {"model." + name: t.to(IMPORT_DTYPE) for name, t in ours.items()}

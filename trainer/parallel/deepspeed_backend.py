@@ -1,6 +1,6 @@
 """parallel.strategy=deepspeed: the plain model and our AdamW, trained through a ZeRO engine.
 
-Our config decides; DeepSpeed's config is derived from it (see docs/deepspeed.md):
+Our config decides; DeepSpeed's config is derived from it (docs/architecture.md, DeepSpeed):
 
     train.global_batch_size            -> train_batch_size
     train.micro_batch_size             -> train_micro_batch_size_per_gpu
@@ -88,30 +88,64 @@ def load_user_ds_config(path: str) -> dict:
     return user
 
 
-def build_engine(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
-                 param_dtype: torch.dtype):
-    """(engine, its ZeRO optimizer) for `model` and our AdamW `optimizer`."""
-    import deepspeed
-
-    config = merged_ds_config(cfg, world_size, param_dtype)
-    engine, zero_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=config, dist_init_required=False
-    )
-    return engine, zero_optimizer
+def check_ds_config(cfg, world_size: int) -> None:
+    """Validate `parallel.ds_config` against ours before any process starts (ValueError)."""
+    if cfg.parallel.strategy != "deepspeed":
+        return
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and cfg.train.device != "cpu" else "fp32"
+    merged_ds_config(cfg, world_size, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
-def deepspeed_train_step(engine, micro_batches, forward_loss) -> tuple[torch.Tensor, Any]:
-    """One optimizer step: the engine scales each micro-batch loss by 1/accumulation, reduces at
-    the accumulation boundary, clips and steps. Returns (mean loss on this rank, grad norm)."""
-    assert len(micro_batches) == engine.gradient_accumulation_steps(), "batch size mismatch"
-    loss_sum = None
-    for inputs, targets in micro_batches:
-        loss = forward_loss(inputs, targets)
-        engine.backward(loss)
-        engine.step()
-        part = loss.detach() / len(micro_batches)
-        loss_sum = part if loss_sum is None else loss_sum + part
-    return loss_sum, engine.get_global_grad_norm()
+class DeepSpeedBackend:
+    """What the Trainer needs from a ZeRO engine: the module to call, one optimizer step per
+    global batch, and the engine's partitions as our universal checkpoint tensors.
+
+    `optimizer` stays our AdamW: ZeRO re-points its groups at the flat fp32 partitions, so the
+    trainer's per-step `group["lr"] = ...` reaches the update as under FSDP2/DDP."""
+
+    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 world_size: int, param_dtype: torch.dtype) -> None:
+        import deepspeed
+
+        config = merged_ds_config(cfg, world_size, param_dtype)
+        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        self.optimizer = optimizer
+
+    def train_step(self, micro_batches, forward_loss) -> tuple[torch.Tensor, float]:
+        """One optimizer step: the engine scales each micro-batch loss by 1/accumulation,
+        reduces at the accumulation boundary, clips and steps. Returns (mean loss on this rank,
+        global grad norm before clipping)."""
+        if len(micro_batches) != self.engine.gradient_accumulation_steps():
+            raise ValueError(f"{len(micro_batches)} micro-batches per step, DeepSpeed expects "
+                             f"{self.engine.gradient_accumulation_steps()}")
+        loss_sum = None
+        for inputs, targets in micro_batches:
+            loss = forward_loss(inputs, targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            part = loss.detach() / len(micro_batches)
+            loss_sum = part if loss_sum is None else loss_sum + part
+        norm = self.engine.get_global_grad_norm()
+        return loss_sum, float(norm) if norm is not None else float("nan")
+
+    def tensors(self, with_optimizer: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Checkpoint keys (`model.*`, `optimizer.*`) over this rank's ZeRO partitions."""
+        from checkpointing.deepspeed.live import deepspeed_tensors
+
+        tensors, values = deepspeed_tensors(self.engine)
+        if not with_optimizer:
+            return {k: v for k, v in tensors.items() if k.startswith("model.")}, {}
+        return tensors, values
+
+    def apply(self, tensors: dict[str, Any], values: dict[str, Any]) -> None:
+        """Finish a load into the views `tensors` returned."""
+        from checkpointing.deepspeed.live import apply_deepspeed_tensors
+
+        apply_deepspeed_tensors(self.engine, tensors, values)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -55,6 +55,16 @@ def test_aux_loss_is_alpha_when_uniform_and_alpha_e_when_collapsed():
     assert load_balancing_loss(collapsed, experts, alpha).item() == pytest.approx(alpha * e)
 
 
+
+def test_aux_loss_through_the_layer_is_alpha_e_when_routing_collapses_with_k1():
+    alpha, e = 0.01, 4
+    moe = MoEFeedForward(DIM, HIDDEN, MoEConfig(e, top_k=1, aux_loss_coef=alpha, z_loss_coef=0))
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[2] = 100.0  # positive inputs: every token's logit for expert 2 is huge
+    moe(torch.rand(2, 8, DIM) + 0.5)
+    assert moe.aux_loss.item() == pytest.approx(alpha * e, rel=1e-6)
+
 def test_z_loss_and_gate_logit_normalisation():
     cfg = MoEConfig(4, top_k=1, z_loss_coef=1e-3, norm_gate_logits=True, gate_logit_scale=3.0)
     moe = MoEFeedForward(DIM, HIDDEN, cfg)

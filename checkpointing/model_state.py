@@ -40,7 +40,15 @@ def optimizer_tensors(
 
     Lazy optimizer state is initialised, so a fresh optimizer can be loaded into.
     """
+    fresh = not optimizer.state
     flat = get_optimizer_state_dict(model, optimizer, options=_FLAT)
+    if fresh and optimizer.state:
+        # torch initialises lazy state by taking one zero-gradient, lr=0 step: moments stay 0
+        # but `step` becomes 1, which would shift Adam's bias correction by a step.
+        for param_state in optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"].zero_()
+        flat = get_optimizer_state_dict(model, optimizer, options=_FLAT)
     tensors, values = {}, {}
     for key, value in flat.items():
         if isinstance(value, torch.Tensor):

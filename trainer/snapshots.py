@@ -55,6 +55,11 @@ class Snapshots:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.cfg.interval}")
         if not (self.cfg.enabled and self.cfg.interval > 0):
             return None
+        if self.state.cfg.model.moe.enabled():
+            # The keeper persists slots without the expert-stacking layout record that
+            # CheckpointManager writes, so its checkpoints would not reload: refuse, loudly.
+            raise ValueError("checkpoint.interval (memory snapshots) does not support MoE models "
+                             "(model.moe.num_experts > 0) yet; use checkpoint.persist_interval")
         if ENV_KEEPERS not in os.environ:
             self.state._say(f"checkpoint.interval={self.cfg.interval} needs the keeper that "
                             "`perennial train` starts; memory snapshots are off")

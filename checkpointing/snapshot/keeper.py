@@ -39,7 +39,10 @@ class Keeper:
         self.node_dir = self.shm_root / f"node{args.node_index}"
         self.store = SlotStore(self.shm_root, self.node_dir)
         self.replica_stores: dict[int, SlotStore] = {}
+        # Two workers: a snapshot counts once checksummed, so checksums never queue behind a
+        # persist (which may wait minutes on a slow disk or on other nodes' parts).
         self.tasks: queue.Queue = queue.Queue()
+        self.persists: queue.Queue = queue.Queue()
         self.status: dict[str, Any] = {"node": args.node_index, "persisted_step": None,
                                        "persist_error": None, "persist_failures": 0}
         self.peer = PeerLink(args.peer, self.log) if args.peer else None
@@ -65,7 +68,7 @@ class Keeper:
         if cmd == "list":
             return {"manifests": self.store.complete_manifests()}
         if cmd == "drain":
-            self.tasks.join()
+            self.join_background_work()
             return {"status": self.status}
         if cmd == "replica":
             store_replica(self._replica_store(message["node"]), message, rfile)
@@ -93,16 +96,20 @@ class Keeper:
             self.replica_stores[node] = SlotStore(self.shm_root, directory)
         return self.replica_stores[node]
 
-    # -- background work (one thread, in order) -----------------------------------------
-    def work(self) -> None:
+    # -- background work (two threads, each in order) ------------------------------------
+    def work(self, tasks: queue.Queue) -> None:
         while True:
-            task, *args = self.tasks.get()
+            task, *args = tasks.get()
             try:
                 task(*args)
             except Exception as err:  # noqa: BLE001 - a keeper must outlive any one task
                 self.log(f"{task.__name__} failed: {err!r}")
             finally:
-                self.tasks.task_done()
+                tasks.task_done()
+
+    def join_background_work(self) -> None:
+        self.tasks.join()  # checksums first: they may queue persists
+        self.persists.join()
 
     def _checksum(self, rank: int, slot: int) -> None:
         try:
@@ -120,12 +127,17 @@ class Keeper:
             self.store.pin(rank, slot, -1)
         step = manifest["step"]
         if manifest["persist"] and len(self.store.complete_ranks_at(step)) == self.args.local_ranks:
-            self.persist(step, COMMIT_TIMEOUT_S)
+            self.queue_persist(step, COMMIT_TIMEOUT_S)
 
-    def persist(self, step: int, timeout_s: float) -> None:
-        manifests = self.store.complete_ranks_at(step)
-        for m in manifests:
-            self.store.pin(m["rank"], m["slot"], +1)
+    def queue_persist(self, step: int, timeout_s: float) -> None:
+        """Pin the step's slots now, so no newer snapshot reuses them while the persist waits."""
+        with self.store.lock:
+            manifests = self.store.complete_ranks_at(step)
+            for m in manifests:
+                self.store.pin(m["rank"], m["slot"], +1)
+        self.persists.put((self.persist, step, manifests, timeout_s))
+
+    def persist(self, step: int, manifests: list[dict[str, Any]], timeout_s: float) -> None:
         try:
             with faults.persist_file_size_limit():
                 write_node_part(self.root, self.args.node_index, manifests, self.shm_root)
@@ -151,7 +163,7 @@ class Keeper:
                 self.log(f"restored {count} slot(s) of this node from the peer replica")
 
     def persist_newest_on_exit(self) -> None:
-        self.tasks.join()
+        self.join_background_work()
         complete = self.store.complete_manifests()
         steps = {m["step"] for m in complete}
         full = [s for s in steps if len(self.store.complete_ranks_at(s)) == self.args.local_ranks]
@@ -159,7 +171,8 @@ class Keeper:
         newest_disk = on_disk[0][0] if on_disk else -1
         if full and max(full) > newest_disk:
             self.log(f"persisting step {max(full)} before exit")
-            self.persist(max(full), SHUTDOWN_COMMIT_TIMEOUT_S)
+            self.queue_persist(max(full), SHUTDOWN_COMMIT_TIMEOUT_S)
+            self.persists.join()
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -205,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     server = _Server((keeper.args.bind, keeper.args.port), _Handler)
     server.keeper = keeper  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    threading.Thread(target=keeper.work, daemon=True).start()
+    for tasks in (keeper.tasks, keeper.persists):
+        threading.Thread(target=keeper.work, args=(tasks,), daemon=True).start()
     keeper.log(f"serving {keeper.node_dir} on port {keeper.args.port}")
     stop.wait()
     keeper.persist_newest_on_exit()

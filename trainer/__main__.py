@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from launch.args import one_line, parse_job_args
 from trainer.config_loader import load_config, validate_layout
+from trainer.distributed import exit_skipping_teardown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,4 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as stop:  # preemption: state saved, exit 143 for a requeue
+        exit_code = stop.code if isinstance(stop.code, int) else 1
+    exit_skipping_teardown(exit_code)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,16 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 600) -> Dis
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def exit_skipping_teardown(code: int) -> NoReturn:
+    """End a worker process after `destroy_process_group`, skipping interpreter finalization:
+    gloo's worker threads can still hold tensors then, and tearing those down during
+    finalization aborts the process (SIGABRT, "terminate called without an active exception"),
+    which torchrun counts as a failed worker (pytorch PR #179291 describes the crash)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _free_port() -> int:

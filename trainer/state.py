@@ -38,6 +38,7 @@ class TrainState:
         """Steps of an earlier phase whose schedule this run continues (init.load_schedule)."""
         self.phase: dict = {}
         self.last_saved_step = -1
+        self._config_yaml_text: str | None = None
         ckpt = self.cfg.checkpoint
         self.layouts = expert_layouts(self.cfg.model)
         self.manager = (
@@ -82,8 +83,8 @@ class TrainState:
         }
 
     def _config_yaml(self) -> str:
-        """The config is fixed once training runs; rendering it costs ~20 ms per snapshot."""
-        if getattr(self, "_config_yaml_text", None) is None:
+        """Rendered once (~20 ms, too much per snapshot); only growth changes the config."""
+        if self._config_yaml_text is None:
             self._config_yaml_text = to_yaml(self.cfg)
         return self._config_yaml_text
 
@@ -117,6 +118,7 @@ class TrainState:
             self.manager = CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
 
     def apply_grown(self, tensors: dict, optim_json: dict) -> None:
+        self._config_yaml_text = None  # the model section changed
         apply_model_tensors(self.trainer.model, tensors)
         apply_optimizer_tensors(self.trainer.model, self.trainer.optimizer, tensors, optim_json)
 

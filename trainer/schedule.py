@@ -163,13 +163,16 @@ def _with_anneal(cfg: ScheduleConfig, main: LrFn) -> LrFn:
 def _cooldown_then_plateau(cfg: ScheduleConfig, max_lr: float) -> LrFn:
     w, steps, plateau = cfg.warmup_steps, cfg.cooldown_steps, cfg.plateau_lr
     # inv-sqrt: max_lr / sqrt(1 + alpha * k) lands on the plateau at k == cooldown_steps.
-    alpha = ((max_lr / plateau) ** 2 - 1) / max(steps, 1) if plateau > 0 else 0.0
+    ratio = max_lr / plateau if plateau > 0 else 1.0
+    # A plateau ~1e-150 x max_lr or lower would overflow the square: the drop is then immediate.
+    alpha = (ratio**2 - 1) / max(steps, 1) if ratio < 1e150 else math.inf
 
     def lr_at(step: int) -> float:
         if step >= w + steps:
             return plateau
         if cfg.cooldown_shape == "inv-sqrt":
-            return max(plateau, max_lr / math.sqrt(1 + alpha * (step - w)))
+            k = step - w
+            return max(plateau, max_lr / math.sqrt(1 + alpha * k)) if k else max_lr
         return _decay(max_lr, plateau, "cosine", (step - w) / steps)
 
     return lr_at

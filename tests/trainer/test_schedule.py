@@ -293,3 +293,12 @@ def test_lr_is_continuous_when_every_phase_is_long(schedule):
     lrs = [schedule.lr(step) for step in range(schedule.config.total_steps + 1)]
     largest_jump = max(abs(b - a) for a, b in zip(lrs, lrs[1:]))
     assert largest_jump <= 0.02 * schedule.max_lr
+
+
+@pytest.mark.parametrize("shape", ["cosine", "inv-sqrt"])
+def test_tiny_plateau_does_not_overflow(shape):
+    """Found by hypothesis: a plateau ~1e-195 x the peak overflowed the inv-sqrt coefficient."""
+    cfg = ScheduleConfig(name="infinite", warmup_steps=100, total_steps=400, cooldown_steps=100,
+                         plateau_lr=2.28e-195, cooldown_shape=shape, anneal_steps=0)
+    schedule = build_schedule(cfg, 0.0625, None)
+    assert schedule.lr(100) == 0.0625 and schedule.lr(200) == 2.28e-195

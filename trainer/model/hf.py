@@ -25,6 +25,7 @@ from transformers import LlamaConfig, MixtralConfig, PretrainedConfig
 
 from trainer.model import hf_mixtral, hf_names
 from trainer.model.config import ModelConfig
+from trainer.model.hf_common import decoder_overrides
 
 
 @dataclass(frozen=True)
@@ -45,35 +46,10 @@ class HFFamily:
 
 
 def _llama_overrides(hf: PretrainedConfig, source: str) -> dict[str, Any]:
-    rope = hf.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(
-            f"{source}: rope_type {rope['rope_type']!r} (rope_scaling) is not supported; "
-            "our Llama implements plain RoPE only"
-        )
     for key in ("attention_bias", "mlp_bias"):
         if getattr(hf, key, False):
             raise ValueError(f"{source}: {key}=true is not supported (our Llama has no biases)")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"{source}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
-    head_dim = getattr(hf, "head_dim", None)
-    if head_dim and head_dim != hf.hidden_size // hf.num_attention_heads:
-        raise ValueError(
-            f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads is not supported"
-        )
-    return {
-        "name": "llama",
-        "dim": hf.hidden_size,
-        "n_layers": hf.num_hidden_layers,
-        "n_heads": hf.num_attention_heads,
-        "n_kv_heads": hf.num_key_value_heads or hf.num_attention_heads,
-        "vocab_size": hf.vocab_size,
-        "ffn_dim": hf.intermediate_size,
-        "norm_eps": float(hf.rms_norm_eps),
-        "rope_theta": float(rope.get("rope_theta", 10000.0)),
-        "max_seq_len": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
-    }
+    return decoder_overrides(hf, source, default_rope_theta=10000.0)
 
 
 def _llama_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 
 from trainer.model import hf_names
 from trainer.model.config import ModelConfig
+from trainer.model.hf_common import decoder_overrides
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 _OUR_EXPERTS = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(w1|w2|w3)$")
@@ -126,30 +127,10 @@ def mixtral_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def mixtral_overrides(hf: PretrainedConfig, source: str) -> dict[str, Any]:
     """Our `model.*` values for a MixtralConfig; ValueError naming what we cannot run."""
-    rope = hf.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"{source}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
     if getattr(hf, "sliding_window", None):
         raise ValueError(f"{source}: sliding_window={hf.sliding_window} is not supported")
-    head_dim = getattr(hf, "head_dim", None)
-    if head_dim and head_dim != hf.hidden_size // hf.num_attention_heads:
-        raise ValueError(
-            f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads is not supported"
-        )
     return {
-        "name": "llama",
-        "dim": hf.hidden_size,
-        "n_layers": hf.num_hidden_layers,
-        "n_heads": hf.num_attention_heads,
-        "n_kv_heads": hf.num_key_value_heads or hf.num_attention_heads,
-        "vocab_size": hf.vocab_size,
-        "ffn_dim": hf.intermediate_size,
-        "norm_eps": float(hf.rms_norm_eps),
-        "rope_theta": float(rope.get("rope_theta", 1e6)),
-        "max_seq_len": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
+        **decoder_overrides(hf, source, default_rope_theta=1e6),
         "moe": {
             "num_experts": hf.num_local_experts,
             "top_k": hf.num_experts_per_tok,

@@ -17,10 +17,11 @@ import signal
 import socketserver
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from checkpointing.commit import committed_dirs
+from checkpointing.commit import committed_dirs, prune
 from checkpointing.snapshot import faults
 from checkpointing.snapshot.persist import commit_when_complete, write_node_part
 from checkpointing.snapshot.protocol import receive, send
@@ -138,14 +139,17 @@ class Keeper:
         self.persists.put((self.persist, step, manifests, timeout_s))
 
     def persist(self, step: int, manifests: list[dict[str, Any]], timeout_s: float) -> None:
+        start = time.perf_counter()
         try:
             with faults.persist_file_size_limit():
                 write_node_part(self.root, self.args.node_index, manifests, self.shm_root)
             if self.args.node_index == 0:
-                commit_when_complete(self.root, step, self.args.num_nodes, self.args.keep,
-                                     timeout_s)
+                commit_when_complete(self.root, step, self.args.num_nodes, timeout_s)
+            self.status.update(persisted_step=step, persist_error=None,
+                               persist_seconds=time.perf_counter() - start)
+            if self.args.node_index == 0:
+                prune(self.root, self.args.keep)  # housekeeping after the commit, not before
                 self.log(f"persisted step {step} to {self.root}")
-            self.status.update(persisted_step=step, persist_error=None)
         except (OSError, TimeoutError, AssertionError) as err:
             self.status.update(persist_error=f"persist of step {step} failed: {err}")
             self.status["persist_failures"] += 1

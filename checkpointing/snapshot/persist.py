@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from checkpointing.commit import TMP_PREFIX, commit, prune
+from checkpointing.commit import TMP_PREFIX, commit
 from checkpointing.format import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -29,6 +29,7 @@ from checkpointing.format import (
     write_json_durably,
 )
 from checkpointing.snapshot import faults
+from checkpointing.snapshot.slots import write_json_atomically
 
 COPY_CHUNK = 64 << 20
 
@@ -106,10 +107,11 @@ def write_node_part(root: Path, node_index: int, manifests: list[dict[str, Any]]
         "rank_states": rank_states,
         "global_state": global_state,
     }
-    write_json_durably(temp / f"node-{node_index}.part.json", part)
+    # Not fsynced: node 0 merges the parts into index.json, which is (the parts are deleted).
+    write_json_atomically(temp / f"node-{node_index}.part.json", part)
 
 
-def commit_when_complete(root: Path, step: int, num_nodes: int, keep: int, timeout_s: float):
+def commit_when_complete(root: Path, step: int, num_nodes: int, timeout_s: float):
     """On node 0's keeper: merge the parts of every node into index.json/state.json, commit."""
     temp = temp_dir_for(root, step)
     paths = [temp / f"node-{i}.part.json" for i in range(num_nodes)]
@@ -126,7 +128,6 @@ def commit_when_complete(root: Path, step: int, num_nodes: int, keep: int, timeo
     for path in paths:
         path.unlink()
     commit(root, temp, step)
-    prune(root, keep)
 
 
 def _merge(parts: list[dict[str, Any]], step: int) -> tuple[CheckpointIndex, dict[str, Any]]:

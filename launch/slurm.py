@@ -27,9 +27,9 @@ from datetime import datetime
 from pathlib import Path
 
 from launch.args import parse_job_args
-from launch.health import validate_hang_timeout
 from launch.preflight import check_run_dir_writable, check_world_size
 from trainer.config_loader import load_config
+from trainer.health import validate_hang_timeout
 
 SIGNAL_LEAD_S = 120
 DEFAULT_RDZV_PORT = 29500

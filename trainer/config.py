@@ -46,7 +46,7 @@ class TrainConfig:
     hang_timeout_s: float = 0.0
     """Seconds one step (its eval and checkpoint writes included) may take before the rank
     dumps its stacks and exits so the launcher restarts the group from the newest checkpoint;
-    0 = off. Give it several times the slowest step (see launch/health.py)."""
+    0 = off. Give it several times the slowest step (see trainer/health.py)."""
 
 
 @dataclass

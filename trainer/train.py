@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.health import HealthMonitor
 from trainer.config import JobConfig
 from trainer.config_loader import save_config, to_yaml, validate_layout
 from trainer.data import IGNORE_INDEX, build_data
@@ -21,6 +20,7 @@ from trainer.distributed import (
     set_rng_state,
 )
 from trainer.growth.midrun import adopt_grown_init, grow_trainer, model_config_for_resume
+from trainer.health import HealthMonitor
 from trainer.metrics import MetricsLogger, Throughput
 from trainer.model import Llama
 from trainer.parallel.dims import ParallelDims

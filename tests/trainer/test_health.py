@@ -1,4 +1,4 @@
-"""The hang watchdog (launch/health.py): a rank stuck past `train.hang_timeout_s` dumps its
+"""The hang watchdog (trainer/health.py): a rank stuck past `train.hang_timeout_s` dumps its
 stacks and exits, torchrun restarts the group under --max-restarts, the group resumes from the
 newest memory snapshot and the run ends bitwise equal to an uninterrupted one."""
 
@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from launch.gpu_probe import GpuProbe
-from launch.health import HANG_EXIT_CODE, HealthMonitor, validate_hang_timeout
 from tests.trainer.runs import metrics, perennial, tiny_job
 from tests.trainer.test_resume import assert_bitwise_equal, final_weights
+from trainer.gpu_probe import GpuProbe
+from trainer.health import HANG_EXIT_CODE, HealthMonitor, validate_hang_timeout
 
 MAX_STEPS = 6
 JOB = ["checkpoint.interval=1", "checkpoint.persist_interval=4", f"train.max_steps={MAX_STEPS}"]

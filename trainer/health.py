@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from launch.gpu_probe import GpuProbe
+from trainer.gpu_probe import GpuProbe
 
 HANG_EXIT_CODE = 86
 DEVICE_FAULT_EXIT_CODE = 87

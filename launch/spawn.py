@@ -19,6 +19,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.distributed import exit_skipping_teardown
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -44,6 +46,7 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        exit_skipping_teardown(0)  # the result is already in the pipe
 
 
 def run_distributed(

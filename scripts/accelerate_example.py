@@ -32,6 +32,7 @@ import sys
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
@@ -44,6 +45,7 @@ from checkpointing import (
     model_tensors,
     optimizer_tensors,
 )
+from trainer.distributed import exit_skipping_teardown
 from trainer.model import Llama, ModelConfig
 from trainer.model.hf import model_config_from_dict
 
@@ -145,9 +147,12 @@ def main(argv: list[str]) -> int:
         if step % args.save_every == 0 or step == args.steps:
             save(manager, model, inner_optimizer, cfg, step)
             accelerator.print(f"saved step {step} to {args.ckpt_dir}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_skipping_teardown(main(sys.argv[1:]))  # gloo threads can hang or abort a normal exit

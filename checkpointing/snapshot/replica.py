@@ -33,17 +33,23 @@ class PeerLink:
     def send_replica(self, node: int, manifest: dict, layout: SlotLayout, path: Path) -> None:
         message = {"cmd": "replica", "node": node, "manifest": manifest,
                    "layout": layout.to_json()}
-        try:
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), layout.size,
-                                                  prot=mmap.PROT_READ) as data:
+        error = None
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), layout.size,
+                                              prot=mmap.PROT_READ) as data:
+            try:
                 self.client.request(message, memoryview(data))
+            except (OSError, RuntimeError) as err:
+                # Keep only the text: the traceback's frames hold views of `data`, and closing
+                # the mmap while they live raises BufferError (which hid the peer's failure).
+                error = str(err)
+        if error is None:
             if self.failing:
                 self.log(f"peer {self.client.address} is back; replicating again")
             self.failing = False
-        except (OSError, RuntimeError) as err:
-            if not self.failing:
-                self.log(f"cannot replicate to peer {self.client.address}: {err}")
-            self.failing = True
+            return
+        if not self.failing:
+            self.log(f"cannot replicate to peer {self.client.address}: {error}")
+        self.failing = True
 
 
 def _write_slot(store: SlotStore, manifest: dict, layout: SlotLayout, stream: BinaryIO) -> None:

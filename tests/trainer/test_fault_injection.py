@@ -188,10 +188,11 @@ def test_node_loss_with_peer_replica(tmp_path, data_cache, reference):
     run.wait_for_step(5)
     (keeper,) = [p for p in run.processes("snapshot.keeper") if "--node-index 1" in
                  " ".join(p.cmdline())]
+    # The node goes down as a whole: its worker (rank 1) and its keeper, with its memory.
+    killed_after = [run.kill_worker(1)]
     keeper.send_signal(signal.SIGKILL)
     keeper.wait()
-    shutil.rmtree(SHM_BASE / job_id(str(tmp_path / "run")) / "node1")  # its memory is gone
-    killed_after = [run.kill_worker(1)]
+    shutil.rmtree(SHM_BASE / job_id(str(tmp_path / "run")) / "node1")
     log = run.finish()
     assert "of this node from the peer replica" in log
     assert_recovered(log, killed_after)

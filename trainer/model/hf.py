@@ -25,7 +25,7 @@ from transformers import LlamaConfig, MixtralConfig, PretrainedConfig
 
 from trainer.model import hf_mixtral, hf_names
 from trainer.model.config import ModelConfig
-from trainer.model.hf_common import decoder_overrides
+from trainer.model.hf_common import decoder_hf_kwargs, decoder_overrides
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,7 @@ def _llama_overrides(hf: PretrainedConfig, source: str) -> dict[str, Any]:
 
 def _llama_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim // cfg.n_heads,
-        "vocab_size": cfg.vocab_size,
-        "intermediate_size": cfg.ffn_hidden_dim(),
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
+        **decoder_hf_kwargs(cfg, intermediate_size=cfg.ffn_hidden_dim()),
         "attention_bias": False,
         "mlp_bias": False,
     }

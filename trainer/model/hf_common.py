@@ -37,3 +37,21 @@ def decoder_overrides(hf: PretrainedConfig, source: str, default_rope_theta: flo
         "tie_embeddings": bool(hf.tie_word_embeddings),
     }
     return overrides
+
+
+def decoder_hf_kwargs(cfg, intermediate_size: int) -> dict[str, Any]:
+    """The config-class arguments of our dense trunk (the inverse of `decoder_overrides`)."""
+    return {
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.dim // cfg.n_heads,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": intermediate_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+    }

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from trainer.model import hf_names
 from trainer.model.config import ModelConfig
-from trainer.model.hf_common import decoder_overrides
+from trainer.model.hf_common import decoder_hf_kwargs, decoder_overrides
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 _OUR_EXPERTS = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(w1|w2|w3)$")
@@ -104,24 +104,13 @@ def _unfuse(layer: str, kind: str, tensor: torch.Tensor) -> dict[str, torch.Tens
 def mixtral_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     check_mixtral_expressible(cfg)
     return {
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim // cfg.n_heads,
-        "vocab_size": cfg.vocab_size,
-        "intermediate_size": cfg.expert_hidden_dim(),
+        **decoder_hf_kwargs(cfg, intermediate_size=cfg.expert_hidden_dim()),
         "num_local_experts": cfg.moe.num_experts,
         "num_experts_per_tok": cfg.moe.top_k,
         "router_aux_loss_coef": cfg.moe.aux_loss_coef,
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
         "sliding_window": None,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
     }
 
 

@@ -7,7 +7,6 @@ the schedule's parameters, the data stream's global cursor, per-rank RNG states 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,13 +38,7 @@ class TrainState:
         self.phase: dict = {}
         self.last_saved_step = -1
         self._config_yaml_text: str | None = None
-        ckpt = self.cfg.checkpoint
-        self.layouts = expert_layouts(self.cfg.model)
-        self.manager = (
-            CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
-            if ckpt.enabled
-            else None
-        )
+        self.rebuild_manager()
         self.snapshots = Snapshots(self)
 
     # -- what gets saved ------------------------------------------------------------------
@@ -111,11 +104,14 @@ class TrainState:
 
     # -- mid-run growth (trainer/growth/midrun.py) -------------------------------------------
     def rebuild_manager(self) -> None:
-        """Declare the (grown) model's expert layouts to the checkpoint manager."""
+        """The checkpoint manager, declaring the current (maybe grown) model's expert layouts."""
+        ckpt = self.cfg.checkpoint
         self.layouts = expert_layouts(self.cfg.model)
-        if self.manager is not None:
-            ckpt = self.cfg.checkpoint
-            self.manager = CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
+        self.manager = (
+            CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
+            if ckpt.enabled
+            else None
+        )
 
     def apply_grown(self, tensors: dict, optim_json: dict) -> None:
         self._config_yaml_text = None  # the model section changed
@@ -193,5 +189,4 @@ class TrainState:
             self._say(f"skipping checkpoint {path}: {reason}")
 
     def _say(self, message: str) -> None:
-        if self.trainer.is_main:
-            print(message, file=sys.stderr, flush=True)
+        self.trainer._say_main(message)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import LoadResult, collectives, find_loadable
-from checkpointing.snapshot import SnapshotEngine
+from checkpointing.snapshot import SnapshotEngine, faults
 from trainer.distributed import rng_state
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class Snapshots:
             rank_state = {"rng": rng_state(self.device)}
             self.engine.snapshot(step, tensors, global_state, rank_state, persist)
             self._report_persist_errors()
+        faults.maybe_pause("step", step, f"rank {self.state.trainer.dist.rank} after step {step}")
         return True
 
     def finish(self) -> None:

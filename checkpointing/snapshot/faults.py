@@ -1,9 +1,10 @@
 """Fault-injection points for the fault-injection tests (like NVIDIA's resiliency injector).
 
-`PERENNIAL_FAULT_PAUSE=<point>[@<step>]:<seconds>:<marker>` pauses the first time `<point>`
-("copy", "persist") is reached in any process, at step `<step>` or later (the `<marker>` file
-records it), and prints a line naming it and the pid, so a test can SIGKILL that process at
-exactly that point.
+`PERENNIAL_FAULT_PAUSE=<point>[@<step>]:<action>:<marker>[;...]` acts the first time `<point>`
+("copy", "persist", "step") is reached in any process, at step `<step>` or later (the `<marker>`
+file records it). `<action>` is a number of seconds to pause, printing a line that names the
+point and the pid so a test can SIGKILL that process right there, or `kill`: the process
+SIGKILLs itself there (no race with the test's reaction time).
 `PERENNIAL_KEEPER_MAX_FILE_BYTES=<n>` caps the file size (RLIMIT_FSIZE) while the keeper
 persists: writes past it fail with EFBIG like a full disk. Unset, both do nothing.
 """
@@ -19,19 +20,29 @@ import time
 
 
 def maybe_pause(point: str, step: int, what: str) -> None:
-    spec = os.environ.get("PERENNIAL_FAULT_PAUSE", "")
-    where, _, rest = spec.partition(":")
-    seconds, _, marker = rest.partition(":")
-    name, _, from_step = where.partition("@")
-    if name != point or not marker or step < int(from_step or 0):
-        return
+    for spec in filter(None, os.environ.get("PERENNIAL_FAULT_PAUSE", "").split(";")):
+        where, _, rest = spec.partition(":")
+        action, _, marker = rest.partition(":")
+        name, _, from_step = where.partition("@")
+        if name == point and marker and step >= int(from_step or 0) and _first(marker):
+            _act(point, what, action)
+
+
+def _first(marker: str) -> bool:
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        return
-    print(f"fault-injection: paused in {point} ({what}) pid {os.getpid()}", file=sys.stderr,
+        return False
+    return True
+
+
+def _act(point: str, what: str, action: str) -> None:
+    verb = "killed itself" if action == "kill" else "paused"
+    print(f"fault-injection: {verb} in {point} ({what}) pid {os.getpid()}", file=sys.stderr,
           flush=True)
-    time.sleep(float(seconds or 10))
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(float(action or 10))
 
 
 def install_in_keeper() -> None:

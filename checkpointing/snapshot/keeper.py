@@ -160,6 +160,29 @@ class Keeper:
             write_json_atomically(self.node_dir / "status.json", self.status)
 
     # -- start and stop -------------------------------------------------------------------
+    def finish_adopted_work(self) -> None:
+        """Redo what a killed predecessor left half done: checksum slots whose copy it had
+        acknowledged, and persist the newest complete snapshot that was due to persist."""
+        with self.store.lock:
+            copied = [key for key, m in self.store.manifests.items() if m["state"] == "copied"]
+            for rank, slot in copied:
+                self.store.pin(rank, slot, +1)
+                self.tasks.put((self._checksum, rank, slot))
+        self.tasks.join()
+        step = self.newest_unpersisted_step(due_only=True)
+        if step is not None:
+            self.log(f"resuming the interrupted persist of step {step}")
+            self.queue_persist(step, COMMIT_TIMEOUT_S)
+
+    def newest_unpersisted_step(self, due_only: bool) -> int | None:
+        """The newest step complete on all local ranks and newer than the newest on disk."""
+        steps = {m["step"] for m in self.store.complete_manifests()
+                 if m.get("persist") or not due_only}
+        full = [s for s in steps if len(self.store.complete_ranks_at(s)) == self.args.local_ranks]
+        on_disk = committed_dirs(self.root)
+        newest_disk = on_disk[0][0] if on_disk else -1
+        return max(full) if full and max(full) > newest_disk else None
+
     def restore_from_peer(self) -> None:
         if self.peer is not None and not self.store.complete_manifests():
             count = fetch_from_peer(self.args.peer, self.args.node_index, self.store)
@@ -168,14 +191,10 @@ class Keeper:
 
     def persist_newest_on_exit(self) -> None:
         self.join_background_work()
-        complete = self.store.complete_manifests()
-        steps = {m["step"] for m in complete}
-        full = [s for s in steps if len(self.store.complete_ranks_at(s)) == self.args.local_ranks]
-        on_disk = committed_dirs(self.root)
-        newest_disk = on_disk[0][0] if on_disk else -1
-        if full and max(full) > newest_disk:
-            self.log(f"persisting step {max(full)} before exit")
-            self.queue_persist(max(full), SHUTDOWN_COMMIT_TIMEOUT_S)
+        step = self.newest_unpersisted_step(due_only=False)
+        if step is not None:
+            self.log(f"persisting step {step} before exit")
+            self.queue_persist(step, SHUTDOWN_COMMIT_TIMEOUT_S)
             self.persists.join()
 
 
@@ -224,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     for tasks in (keeper.tasks, keeper.persists):
         threading.Thread(target=keeper.work, args=(tasks,), daemon=True).start()
+    keeper.finish_adopted_work()
     keeper.log(f"serving {keeper.node_dir} on port {keeper.args.port}")
     stop.wait()
     keeper.persist_newest_on_exit()

@@ -44,7 +44,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class KeeperClient:
-    """A persistent connection to a keeper; reconnects once per request if it was restarted."""
+    """A persistent connection to a keeper; reconnects when it was restarted."""
 
     def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.address = address
@@ -55,11 +55,16 @@ class KeeperClient:
 
     def request(self, message: dict[str, Any], payload: memoryview | None = None) -> dict:
         """Send one request and return the reply; raises ConnectionError if the keeper is gone
-        for longer than the connect timeout, RuntimeError if it answers with an error."""
+        for longer than the connect timeout, RuntimeError if it answers with an error.
+
+        A keeper being restarted may still accept connections in the kernel's backlog and then
+        reset them, so every failure is retried (on a new connection) until the deadline.
+        """
+        deadline = time.monotonic() + self.connect_timeout_s
         with self._lock:
-            for attempt in range(2):
+            while True:
                 try:
-                    stream = self._connected()
+                    stream = self._connected(deadline)
                     send(stream, message, payload)
                     reply = receive(stream)
                     if reply is None:
@@ -67,15 +72,15 @@ class KeeperClient:
                     break
                 except OSError:
                     self._close()
-                    if attempt:
+                    if time.monotonic() > deadline:
                         raise
+                    time.sleep(0.1)
         if "error" in reply:
             raise RuntimeError(reply["error"])
         return reply
 
-    def _connected(self) -> BinaryIO:
+    def _connected(self, deadline: float) -> BinaryIO:
         if self._stream is None:
-            deadline = time.monotonic() + self.connect_timeout_s
             while True:
                 try:
                     self._sock = socket.create_connection(parse_address(self.address), timeout=5)

@@ -133,7 +133,7 @@ def assert_recovered(log: str, killed_after: list[int]) -> None:
     assert len(found) == len(killed_after), log
     for (source, step), last in zip(found, killed_after):
         assert source.startswith("memory:"), log
-        assert step >= last - INTERVAL, f"resumed at {step} after reaching {last}"
+        assert step >= last - INTERVAL, f"resumed at {step} after reaching {last}:\n{log}"
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +171,14 @@ def test_sigkill_during_snapshot_copy(tmp_path, data_cache, reference):
 
 
 def test_sigkill_keeper_during_persist_then_a_rank(tmp_path, data_cache, reference):
-    pause = f"persist:30:{tmp_path / 'paused'}"
-    run = Run(tmp_path / "run", data_cache, env={"PERENNIAL_FAULT_PAUSE": pause})
-    pid = int(run.wait_for(r"paused in persist .* pid (\d+)").group(1))
-    os.kill(pid, signal.SIGKILL)
-    run.wait_for(r"restarting it")
-    run.wait_for_step(run.last_step() + 1)
-    killed_after = [run.kill_worker(0)]
+    # Both kill themselves at a fixed point (no race with this test's reaction time): the keeper
+    # while persisting step 4, then a rank right after starting the snapshot of step 8.
+    faults = f"persist:kill:{tmp_path / 'keeper-killed'};step@8:kill:{tmp_path / 'rank-killed'}"
+    run = Run(tmp_path / "run", data_cache, env={"PERENNIAL_FAULT_PAUSE": faults})
     log = run.finish()
-    assert_recovered(log, killed_after)  # from the slots the restarted keeper adopted
+    assert "keeper of node 0 exited (-9); restarting it" in log
+    assert "resuming the interrupted persist of step 4" in log
+    assert_recovered(log, [8])  # from the slots the restarted keeper adopted and filled
     assert_bitwise_equal(final_weights(tmp_path / "run", tmp_path), reference)
 
 
@@ -200,12 +199,10 @@ def test_node_loss_with_peer_replica(tmp_path, data_cache, reference):
 
 
 def test_disk_full_during_persist(tmp_path, data_cache, reference):
-    run = Run(tmp_path / "run", data_cache, env={"PERENNIAL_KEEPER_MAX_FILE_BYTES": "4096"})
-    run.wait_for(r"warning: persist of step 4 failed")
-    run.wait_for_step(6)
-    killed_after = [run.kill_worker(1)]
-    log = run.finish()
-    assert "File too large" in log
-    assert_recovered(log, killed_after)  # memory is newer than anything on disk
+    env = {"PERENNIAL_KEEPER_MAX_FILE_BYTES": "4096",
+           "PERENNIAL_FAULT_PAUSE": f"step@6:kill:{tmp_path / 'rank-killed'}"}
+    log = Run(tmp_path / "run", data_cache, env=env).finish()
+    assert "warning: persist of step 4 failed" in log and "File too large" in log
+    assert_recovered(log, [6])  # memory is newer than anything on disk
     assert not (tmp_path / "run" / "checkpoints" / "step-00000004").exists()
     assert_bitwise_equal(final_weights(tmp_path / "run", tmp_path), reference)

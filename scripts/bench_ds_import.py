@@ -74,8 +74,9 @@ def measure(root: Path, width: int, depth: int) -> dict:
     theirs = _run("-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
                   "--output_folder", str(root / "universal"), "--num_extract_workers", "2",
                   "--num_merge_workers", "2")
-    floor = _run("-c", "import deepspeed")
-    return {"floor": floor, "params": (width * width + 3 * width) * depth, "tensors": 4 * depth,
+    return {"floor_ours": _run("-c", "import torch.distributed.checkpoint"),
+            "floor_theirs": _run("-c", "import deepspeed.checkpoint.ds_to_universal"),
+            "params": (width * width + 3 * width) * depth, "tensors": 4 * depth,
             "optim_bytes": optim_bytes, "ours": ours, "theirs": theirs}
 
 
@@ -83,7 +84,9 @@ def run(quick: bool) -> str:
     width, depth = (301, 2) if quick else (1061, 80)
     with tempfile.TemporaryDirectory(prefix="bench-ds-import-") as root:
         result = measure(Path(root), width, depth)
-    ratio, floor = result["theirs"] / result["ours"], result["floor"]
+    ratio = result["theirs"] / result["ours"]
+    above = (_above(result["theirs"], result["floor_theirs"])
+             / _above(result["ours"], result["floor_ours"]))
     state_gib = result["params"] * 12 / 2**30
     return "\n".join([
         "## DeepSpeed import (`scripts/bench_ds_import.py`)",
@@ -100,12 +103,17 @@ def run(quick: bool) -> str:
         "|---|---|",
         f"| `perennial ckpt import` | {result['ours']:.2f} |",
         f"| DeepSpeed `ds_to_universal` (2 + 2 workers) | {result['theirs']:.2f} |",
-        f"| (floor both pay: `python -c 'import deepspeed'`) | {result['floor']:.2f} |",
+        f"| (start-up floor of ours: `import torch.distributed.checkpoint`) "
+        f"| {result['floor_ours']:.2f} |",
+        f"| (start-up floor of theirs: `import deepspeed.checkpoint.ds_to_universal`) "
+        f"| {result['floor_theirs']:.2f} |",
         "",
         f"Target: import ≥ {TARGET:.0f}x faster than ds_to_universal. Measured: {ratio:.1f}x "
-        f"({verdict(ratio >= TARGET)}). Ours fsyncs what it writes (a durable checkpoint); "
-        "ds_to_universal leaves its files in the page cache. Above the start-up floor: "
-        f"{_above(result['theirs'], floor) / _above(result['ours'], floor):.1f}x.",
+        f"({verdict(ratio >= TARGET)}); above each tool's start-up floor: {above:.1f}x. "
+        f"{TARGET:.0f}x would need the whole import in {result['theirs'] / TARGET:.2f} s, "
+        "against our process's own start-up floor above. Ours fsyncs what it writes (a "
+        "durable checkpoint); ds_to_universal leaves its files in the page cache. Ours does "
+        "not import DeepSpeed (its record classes unpickle into inert stand-ins).",
     ])
 
 

@@ -12,21 +12,20 @@ Where the pieces are comes from DeepSpeed's own records:
               zero_to_fp32 and ds_to_universal; ZeRO-3 files record no slice mapping).
     universal `zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`, whole tensors.
 
-Files are read with `torch.load(weights_only=True)`; DeepSpeed's few plain record classes
-(loss scaler, stage enum, fragment address) are allow-listed, nothing else.
+Files are read with `torch.load(weights_only=True)`. DeepSpeed's few plain record classes
+(loss scaler, stage enum, fragment address) are allow-listed under their DeepSpeed names but
+built as inert stand-ins here, so importing needs no `import deepspeed` (nor DeepSpeed installed)
+and unpickling runs none of its code.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -43,14 +42,42 @@ class DeepSpeedState:
     kind: str = ""
 
 
-def load_pt(path: Path) -> Any:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+class DeepSpeedRecord:
+    """Holds a pickled DeepSpeed object's attributes (a fragment address's `start`/`numel`, a
+    loss scaler's fields); defines no behaviour, so unpickling one runs no code."""
 
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+class ZeroStage(int):
+    """DeepSpeed's `ZeroStageEnum` member, as its integer value."""
+
+    @property
+    def value(self) -> int:
+        return int(self)
+
+
+class LossScaler(DeepSpeedRecord):
+    pass
+
+
+class DynamicLossScaler(DeepSpeedRecord):
+    pass
+
+
+class FragmentAddress(DeepSpeedRecord):
+    pass
+
+
+STAND_INS = [
+    (LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    (ZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+]
+
+
+def load_pt(path: Path) -> Any:
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(STAND_INS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
         reason = str(err).splitlines()[0]

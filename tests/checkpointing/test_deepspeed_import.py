@@ -68,6 +68,9 @@ def test_import_equals_deepspeeds_consolidation(tmp_path, stage):
     decay = state["optimizer"]["optimizer.param_groups.proj.weight.weight_decay"]
     assert decay == 0.1 and state["optimizer"]["optimizer.param_groups.proj.bias.weight_decay"] == 0
 
+    # Reading needs no DeepSpeed: its record classes unpickle into inert stand-ins.
+    run("-c", f"import sys; from checkpointing.deepspeed.files import read_deepspeed; "
+              f"read_deepspeed({str(src)!r}); assert 'deepspeed' not in sys.modules")
     perennial("ckpt", "import", str(src / "global_step3_universal"), str(tmp_path / "uni"))
     from_universal, _ = load_ours(tmp_path / "uni")
     assert from_universal.keys() == ours.keys()

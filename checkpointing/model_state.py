@@ -58,6 +58,32 @@ def optimizer_tensors(
     return tensors, values
 
 
+class OptimizerValues:
+    """The JSON entries of `optimizer_tensors`, re-read from the live param groups.
+
+    For a caller that keeps the tensors of one `optimizer_tensors` call (they are the live
+    state, updated in place): building the flat state dict again costs milliseconds per call,
+    reading the param groups microseconds. Keys follow DCP's flattening,
+    `param_groups.<fqn>.<hyperparameter>`; the first result is checked against DCP's own.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        nested = get_optimizer_state_dict(model, optimizer)  # its groups list FQNs
+        self.groups = optimizer.param_groups
+        self.sources = [
+            (f"{OPTIMIZER_PREFIX}param_groups.{fqn}.{name}", index, name)
+            for index, group in enumerate(nested["param_groups"])
+            for fqn in group["params"]
+            for name in group
+            if name != "params"
+        ]
+        expected = optimizer_tensors(model, optimizer)[1]
+        assert self() == expected, "optimizer JSON entries differ from DCP's flattening"
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: _plain(self.groups[i][name]) for key, i, name in self.sources}
+
+
 def apply_model_tensors(
     model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True
 ) -> None:
@@ -92,8 +118,12 @@ def _is_model(key: str) -> bool:
     return key.startswith(MODEL_PREFIX)
 
 
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _to_json(key: str, value: Any) -> Any:
-    value = list(value) if isinstance(value, tuple) else value
+    value = _plain(value)
     try:
         json.dumps(value)
     except (TypeError, ValueError) as err:

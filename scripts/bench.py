@@ -26,6 +26,7 @@ from scripts.report import BENCHMARKS_MD, disk_write_bandwidth, machine_facts, r
 # (section marker, module under scripts/, what it compares); run in this order.
 BENCHMARKS = [
     ("snapshot", "bench_snapshot", "checkpoint stall, persist, snapshot throughput, recovery"),
+    ("scaling", "bench_scaling", "checkpoint stall vs state size and vs ranks"),
     ("reshard", "bench_reshard", "same- vs cross-layout load, vs torch DCP"),
     ("ds_import", "bench_ds_import", "ckpt import vs DeepSpeed ds_to_universal"),
     ("throughput", "bench_throughput", "perennial train vs a bare PyTorch loop"),

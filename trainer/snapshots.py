@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import LoadResult, collectives, find_loadable
+from checkpointing.model_state import OptimizerValues
 from checkpointing.snapshot import SnapshotEngine, faults
 from trainer.distributed import rng_state
 
@@ -44,6 +45,8 @@ class Snapshots:
         self.device = state.trainer.dist.device
         self.sigterm = False
         self.reported_error: str | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._optimizer_values: OptimizerValues | None = None
         self.engine = self._build_engine()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -98,13 +101,24 @@ class Snapshots:
         step = self.state.step
         persist = step % self.cfg.persist_interval == 0
         if step % self.cfg.interval == 0 or persist:
-            tensors, optim_json = self.state.tensors()
+            tensors, optim_json = self._live_state()
             global_state = self.state.global_state(optim_json)
             rank_state = {"rng": rng_state(self.device)}
             self.engine.snapshot(step, tensors, global_state, rank_state, persist)
             self._report_persist_errors()
         faults.maybe_pause("step", step, f"rank {self.state.trainer.dist.rank} after step {step}")
         return True
+
+    def _live_state(self) -> tuple[dict, dict]:
+        """The tensors to copy (the live parameters and optimizer state, the same objects every
+        step, so gathered once) and this step's optimizer JSON entries."""
+        trainer = self.state.trainer
+        if getattr(trainer, "deepspeed", None) is not None:
+            return self.state.tensors()
+        if self._tensors is None:
+            self._tensors = self.state.tensors()[0]
+            self._optimizer_values = OptimizerValues(trainer.model, trainer.optimizer)
+        return self._tensors, self._optimizer_values()
 
     def finish(self) -> None:
         """Before the final save: let the keeper finish; skip the save if it committed it."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from checkpointing import optimizer_tensors
+from checkpointing.model_state import OptimizerValues
 
 
 def _model_and_adamw(seed: int = 0):
@@ -34,3 +35,17 @@ def test_reading_a_fresh_optimizer_does_not_change_training():
     steps = {k: t.item() for k, t in optimizer_tensors(read, read_opt)[0].items()
              if k.endswith(".step")}
     assert set(steps.values()) == {3.0}
+
+
+def test_optimizer_values_follow_the_live_groups():
+    model, optimizer = _model_and_adamw()
+    optimizer.add_param_group({"params": [], "lr": 3e-3})  # an empty group flattens to nothing
+    _train(model, optimizer, steps=1)
+    tensors, values = optimizer_tensors(model, optimizer)
+    live = OptimizerValues(model, optimizer)
+    assert live() == values and "optimizer.param_groups.0.weight.betas" in values
+    optimizer.param_groups[0]["lr"] = 5e-4  # what a schedule does each step
+    _train(model, optimizer, steps=1)
+    again, values = optimizer_tensors(model, optimizer)
+    assert live() == values and values["optimizer.param_groups.2.bias.lr"] == 5e-4
+    assert all(again[k] is tensors[k] for k in tensors)  # the state is updated in place

@@ -138,6 +138,21 @@ def zero_padding(tensors: dict[str, torch.Tensor], layouts: list[Layout] | tuple
             local.narrow(spec.dim, keep, local.shape[spec.dim] - keep).zero_()
 
 
+def validate_request(where: str, index, logical: dict, declared: dict) -> None:
+    """Every requested logical tensor is in `index` (a CheckpointIndex) with its shape and
+    a compatible layout; `where` names the checkpoint in the error."""
+    for name, value in logical.items():
+        saved = index.tensors.get(name)
+        if saved is None:
+            raise ValueError(f"tensor {name!r} is not in {where}")
+        if tuple(value.size()) != saved.shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(value.size())} but {where} "
+                f"saved shape {saved.shape}"
+            )
+        check_layout_compatible(name, saved.layout, declared.get(name))
+
+
 def check_layout_compatible(name: str, saved: dict[str, Any] | None, declared: dict | None):
     """Stacking is part of a tensor's meaning and must agree; fusing and padding need not."""
     saved_stacked = saved.get("num_experts") if saved and saved["kind"] == "stacked" else None

@@ -31,7 +31,6 @@ from checkpointing.format import (
     FORMAT_VERSION,
     STATE_FILE,
     CheckpointDamaged,
-    CheckpointIndex,
     read_index,
     read_json,
     step_dir_name,
@@ -39,8 +38,8 @@ from checkpointing.format import (
 from checkpointing.layout import (
     Layout,
     ShardView,
-    check_layout_compatible,
     to_logical,
+    validate_request,
     zero_padding,
 )
 from checkpointing.storage import (
@@ -182,7 +181,7 @@ class CheckpointManager:
     def _read_into(self, path: Path, tensors: dict[str, torch.Tensor]) -> str | None:
         index = read_index(path)
         logical, declared = to_logical(tensors, self.layouts)
-        _validate_request(path, index, logical, declared)
+        validate_request(f"checkpoint {path}", index, logical, declared)
         zero_padding(tensors, self.layouts)
         reader = VerifyingShardReader(path, index)
         with self._dcp_quiet():
@@ -211,19 +210,6 @@ class CheckpointManager:
 
     def _dcp(self) -> dict[str, Any]:
         return {"process_group": self.group, "no_dist": not collectives.is_distributed(self.group)}
-
-
-def _validate_request(path: Path, index: CheckpointIndex, logical: dict, declared: dict) -> None:
-    for name, value in logical.items():
-        saved = index.tensors.get(name)
-        if saved is None:
-            raise ValueError(f"tensor {name!r} is not in checkpoint {path}")
-        if tuple(value.size()) != saved.shape:
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(value.size())} but checkpoint {path} "
-                f"saved shape {saved.shape}"
-            )
-        check_layout_compatible(name, saved.layout, declared.get(name))
 
 
 def _check_tensors(tensors: dict[str, Any]) -> None:

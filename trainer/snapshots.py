@@ -58,11 +58,6 @@ class Snapshots:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.cfg.interval}")
         if not (self.cfg.enabled and self.cfg.interval > 0):
             return None
-        if self.state.cfg.model.moe.enabled():
-            # The keeper persists slots without the expert-stacking layout record that
-            # CheckpointManager writes, so its checkpoints would not reload: refuse, loudly.
-            raise ValueError("checkpoint.interval (memory snapshots) does not support MoE models "
-                             "(model.moe.num_experts > 0) yet; use checkpoint.persist_interval")
         if ENV_KEEPERS not in os.environ:
             self.state._say(f"checkpoint.interval={self.cfg.interval} needs the keeper that "
                             "`perennial train` starts; memory snapshots are off")
@@ -72,7 +67,8 @@ class Snapshots:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         position = local_rank * len(keepers) // local_world  # simulated nodes split the ranks
         node_index = int(os.environ.get(ENV_NODE_INDEX, 0)) + position
-        return SnapshotEngine(keepers[position], os.environ[ENV_SHM_ROOT], node_index)
+        return SnapshotEngine(keepers[position], os.environ[ENV_SHM_ROOT], node_index,
+                              layouts=self.state.layouts)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import collectives
+from checkpointing.layout import Layout, to_logical
 from checkpointing.snapshot import faults
 from checkpointing.snapshot.protocol import KeeperClient
 from checkpointing.snapshot.restore import MemoryRestore, restore_from_memory
@@ -41,8 +43,10 @@ class SnapshotEngine:
         shm_root: str | Path,
         node_index: int,
         process_group: dist.ProcessGroup | None = None,
+        layouts: Sequence[Layout] = (),
     ) -> None:
         self.client = KeeperClient(keeper_address)
+        self.layouts = tuple(layouts)
         self.shm_root = Path(shm_root)
         self.node_index = node_index
         self.group = process_group
@@ -78,7 +82,7 @@ class SnapshotEngine:
         return owned
 
     def _setup(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.layout = SlotLayout.build(tensors, self._owned(tensors))
+        self.layout = SlotLayout.build(tensors, self._owned(tensors), self._records(tensors))
         reply = self.client.request(
             {"cmd": "register", "rank": self.rank, "world_size": self.world_size,
              "layout": self.layout.to_json()}
@@ -88,6 +92,16 @@ class SnapshotEngine:
         self.views = [slot.views() for slot in self.slots]
         if any(t.is_cuda for t in tensors.values()):
             self._setup_cuda()
+
+    def _records(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+        """Layout records for the index. Slots hold tensors as they are in memory, so only
+        layouts whose saved form is the in-memory form (stacked experts) can be snapshotted."""
+        _, records = to_logical(tensors, self.layouts)
+        for name, record in records.items():
+            if record["kind"] != "stacked":
+                raise ValueError(f"memory snapshots cannot hold tensor {name!r}: its "
+                                 f"{record['kind']} layout is saved in another form")
+        return records
 
     def _setup_cuda(self) -> None:
         cudart = torch.cuda.cudart()
@@ -181,7 +195,8 @@ class SnapshotEngine:
             self._failed(f"memory tier unavailable for restore: {err}")
             local = []
         own_dir = f"node{self.node_index}"
-        return restore_from_memory(local, self.shm_root, own_dir, tensors, newer_than, self.group)
+        return restore_from_memory(local, self.shm_root, own_dir, tensors, newer_than, self.group,
+                                   self.layouts)
 
     def drain(self) -> dict[str, Any]:
         """Wait until the keeper has checksummed, replicated and persisted what it has."""

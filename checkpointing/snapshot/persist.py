@@ -92,8 +92,10 @@ def write_node_part(root: Path, node_index: int, manifests: list[dict[str, Any]]
         faults.maybe_pause("persist", step, f"copying {name} of step {step}")
         copy_durably(shm_root / m["file"], temp / name, m["size"])
         files[name] = {"size": m["size"], "header_crc32": m["header_crc32"]}
+        records = m["layout"].get("records", {})
         for entry, crcs in zip(m["layout"]["entries"], m["crc32"]):
-            boxes = tensors.setdefault(entry["name"], {**_tensor_meta(entry), "boxes": []})
+            meta = {**_tensor_meta(entry), "layout": records.get(entry["name"])}
+            boxes = tensors.setdefault(entry["name"], {**meta, "boxes": []})
             boxes["boxes"].append({**entry, "file": name, "block_crc32": crcs})
         rank_states[m["rank"]] = m["rank_state"]
         if m["rank"] == 0:
@@ -152,7 +154,7 @@ def _merge(parts: list[dict[str, Any]], step: int) -> tuple[CheckpointIndex, dic
             shape=tuple(meta[name]["shape"]),
             dtype=dtype_from_name(meta[name]["dtype"]),
             boxes=tuple(sorted(b.values(), key=lambda box: box.offsets)),
-            layout=None,
+            layout=meta[name].get("layout"),
         )
         for name, b in boxes.items()
     }

@@ -10,6 +10,7 @@ node's files (a layout change across real nodes) reads as missing, and all ranks
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 
 from checkpointing import collectives
 from checkpointing.format import CheckpointIndex, SavedBox, SavedTensor, dtype_from_name
-from checkpointing.layout import to_logical
+from checkpointing.layout import Layout, to_logical, validate_request
 from checkpointing.storage import ShardViewLoadPlanner, VerifyingShardReader
 
 
@@ -54,26 +55,27 @@ def build_index(manifests: list[dict[str, Any]], step: int, prefer: str) -> Chec
     boxes: dict[str, dict[tuple, SavedBox]] = {}
     for m in chosen:  # later (preferred) entries overwrite earlier ones
         files[m["file"]] = {"size": m["size"], "header_crc32": m["header_crc32"]}
+        records = m["layout"].get("records", {})
         for entry, crcs in zip(m["layout"]["entries"], m["crc32"]):
+            name = entry["name"]
             box = SavedBox(tuple(entry["offsets"]), tuple(entry["sizes"]), m["file"],
                            entry["byte_offset"], entry["byte_length"], tuple(crcs))
-            meta[entry["name"]] = (tuple(entry["shape"]), dtype_from_name(entry["dtype"]))
-            boxes.setdefault(entry["name"], {})[box.offsets] = box
+            meta[name] = (tuple(entry["shape"]), dtype_from_name(entry["dtype"]),
+                          records.get(name))
+            boxes.setdefault(name, {})[box.offsets] = box
     tensors = {
         name: SavedTensor(meta[name][0], meta[name][1],
-                          tuple(sorted(b.values(), key=lambda box: box.offsets)), None)
+                          tuple(sorted(b.values(), key=lambda box: box.offsets)), meta[name][2])
         for name, b in boxes.items()
     }
     return CheckpointIndex(step, chosen[0]["world_size"], chosen[0]["block_size"], files, tensors)
 
 
-def request_problem(index: CheckpointIndex, tensors: dict[str, torch.Tensor]) -> str | None:
-    for name, value in tensors.items():
-        saved = index.tensors.get(name)
-        if saved is None:
-            return f"tensor {name!r} is not in memory snapshot {index.step}"
-        if tuple(value.size()) != saved.shape:
-            return f"tensor {name!r} changed shape since memory snapshot {index.step}"
+def request_problem(index: CheckpointIndex, logical: dict, declared: dict) -> str | None:
+    try:
+        validate_request(f"memory snapshot {index.step}", index, logical, declared)
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -84,6 +86,7 @@ def restore_from_memory(
     tensors: dict[str, torch.Tensor],
     newer_than: int,
     group: dist.ProcessGroup | None = None,
+    layouts: Sequence[Layout] = (),
 ) -> MemoryRestore | None:
     """Collective: fill `tensors` from the newest memory snapshot newer than `newer_than`."""
     gathered = collectives.all_gather_strings(json.dumps(local_manifests), group)
@@ -92,11 +95,11 @@ def restore_from_memory(
     if step is None:
         return None
     index = build_index(manifests, step, prefer=own_dir + "/")
-    problem = collectives.agree_on_problem(request_problem(index, tensors), group)
+    logical, declared = to_logical(tensors, layouts)
+    problem = collectives.agree_on_problem(request_problem(index, logical, declared), group)
     if problem:
         print(f"memory snapshot {step} not used: {problem}", flush=True)
         return None
-    logical, _ = to_logical(tensors, ())
     reader = VerifyingShardReader(shm_root, index)
     dcp.load(logical, storage_reader=reader, planner=ShardViewLoadPlanner(),
              process_group=group, no_dist=not collectives.is_distributed(group))

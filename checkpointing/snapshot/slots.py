@@ -12,7 +12,7 @@ import json
 import math
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +92,18 @@ class SlotLayout:
 
     header: bytes
     entries: tuple[BoxEntry, ...]
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Layout records (checkpointing.layout) of the tensors that declare one, by name."""
 
     @property
     def size(self) -> int:
         return len(self.header) + sum(e.byte_length for e in self.entries)
 
     @staticmethod
-    def build(tensors: dict[str, torch.Tensor], owned: set[str]) -> SlotLayout:
+    def build(
+        tensors: dict[str, torch.Tensor], owned: set[str],
+        records: dict[str, dict[str, Any]] | None = None,
+    ) -> SlotLayout:
         """Lay out the boxes this rank owns, largest itemsize first so every entry is aligned
         for its dtype and the data section has no holes (a valid safetensors file)."""
         boxes = local_boxes({n: tensors[n] for n in owned})
@@ -115,15 +120,16 @@ class SlotLayout:
         for name, shape, dtype, offsets, sizes, nbytes in specs:
             entries.append(BoxEntry(name, shape, dtype, offsets, sizes, offset, nbytes))
             offset += nbytes
-        return SlotLayout(header, tuple(entries))
+        return SlotLayout(header, tuple(entries), dict(records or {}))
 
     def to_json(self) -> dict[str, Any]:
-        return {"header": self.header.hex(), "entries": [e.to_json() for e in self.entries]}
+        return {"header": self.header.hex(), "entries": [e.to_json() for e in self.entries],
+                "records": self.records}
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> SlotLayout:
         entries = tuple(BoxEntry.from_json(e) for e in obj["entries"])
-        return SlotLayout(bytes.fromhex(obj["header"]), entries)
+        return SlotLayout(bytes.fromhex(obj["header"]), entries, obj.get("records", {}))
 
 
 def slot_file_name(rank: int, slot: int) -> str:

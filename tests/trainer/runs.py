@@ -23,8 +23,10 @@ def tiny_job(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def perennial(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+def perennial(*args: str, check: bool = True, timeout: float = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,

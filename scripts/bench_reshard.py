@@ -7,6 +7,7 @@ same layout and into other layouts, with Perennial's loader and with torch DCP's
 The state is saved once by 2 ranks under FSDP2, by both tools, then loaded (page cache warm for
 both) under: FSDP2 on 2 ranks (same layout), tensor parallel on 2 ranks (another layout, same
 bytes per rank), FSDP2 on 3 ranks and 1 plain rank. Load time is the slowest rank's wall time.
+Beside it, DeepSpeed's own route from 2 to 3 ranks: ds_to_universal, then a universal load.
 Target (issue 3): cross-layout load within 1.2x of same-layout load.
 """
 
@@ -29,6 +30,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpointing import CheckpointManager, model_tensors, optimizer_tensors  # noqa: E402
 from launch.spawn import run_distributed  # noqa: E402
+from scripts.bench_reshard_deepspeed import deepspeed_reshard_seconds  # noqa: E402
 from scripts.report import emit, fmt_seconds, machine_facts, median_spread, verdict  # noqa: E402
 
 
@@ -111,6 +113,7 @@ def run(width: int, depth: int, repeats: int) -> tuple[int, dict]:
                 f"DCP {fmt_seconds(results[label]['dcp'])} s",
                 flush=True,
             )
+        results["deepspeed"] = deepspeed_reshard_seconds(Path(root), width, depth)
     return nbytes, results
 
 
@@ -132,12 +135,33 @@ def report(nbytes: int, results: dict, repeats: int) -> str:
         ours, theirs = results[label]["ours"], results[label]["dcp"]
         ratio = median_spread(ours)[0] / median_spread(theirs)[0]
         lines.append(f"| {label} | {fmt_seconds(ours)} | {fmt_seconds(theirs)} | {ratio:.2f}x |")
+    other_world = median_spread(results[SCENARIOS[2][0]]["ours"])[0]
+    lines += deepspeed_lines(results["deepspeed"], other_world)
     lines += [
         "",
         f"Target: cross-layout load ≤ 1.2x same-layout load. Measured: TP-2 / FSDP2-2 = "
         f"{cross / same:.2f}x ({verdict(cross / same <= 1.2)}).",
     ]
     return "\n".join(lines)
+
+
+def deepspeed_lines(deepspeed: tuple[float, float], ours_2_to_3: float) -> list[str]:
+    convert, load = deepspeed
+    return [
+        "",
+        "DeepSpeed's way to another world size, on the same MLP state (one sample): ZeRO-1 "
+        "saved by 2 ranks, `ds_to_universal` (as a command, 2 + 2 workers), then "
+        "`load_checkpoint` with `load_universal` into ZeRO-1 on 3 ranks (slowest rank).",
+        "",
+        "| 2 ranks -> 3 ranks | time (s) |",
+        "|---|---|",
+        f"| DeepSpeed `ds_to_universal` | {convert:.3f} |",
+        f"| DeepSpeed universal `load_checkpoint` | {load:.3f} |",
+        f"| DeepSpeed total | {convert + load:.3f} |",
+        f"| Perennial load, FSDP2 3 ranks (no conversion step) | {ours_2_to_3:.3f} |",
+        "",
+        f"DeepSpeed total / Perennial: {(convert + load) / ours_2_to_3:.1f}x.",
+    ]
 
 
 def markdown(quick: bool, repeats: int = 3) -> str:

@@ -34,3 +34,4 @@ def test_quick_suite_writes_its_sections_and_keeps_the_others(tmp_path):
     assert "kept" in text
     assert "## Machine" in text and "MiB/s" in text
     assert "## Reshard load" in text and "cross-layout load" in text
+    assert "ds_to_universal" in text and "DeepSpeed total / Perennial" in text

@@ -102,7 +102,8 @@ class Snapshots:
             rank_state = {"rng": rng_state(self.device)}
             self.engine.snapshot(step, tensors, global_state, rank_state, persist)
             self._report_persist_errors()
-        faults.maybe_pause("step", step, f"rank {self.state.trainer.dist.rank} after step {step}")
+        rank = self.state.trainer.dist.rank
+        faults.maybe_pause("step", step, f"rank {rank} after step {step}", rank)
         return True
 
     def _live_state(self) -> tuple[dict, dict]:

@@ -1,10 +1,10 @@
 """Fault-injection points for the fault-injection tests (like NVIDIA's resiliency injector).
 
-`PERENNIAL_FAULT_PAUSE=<point>[@<step>]:<action>:<marker>[;...]` acts the first time `<point>`
-("copy", "persist", "step") is reached in any process, at step `<step>` or later (the `<marker>`
-file records it). `<action>` is a number of seconds to pause, printing a line that names the
-point and the pid so a test can SIGKILL that process right there, or `kill`: the process
-SIGKILLs itself there (no race with the test's reaction time).
+`PERENNIAL_FAULT_PAUSE=<point>[@<step>][#<rank>]:<action>:<marker>[;...]` acts the first time
+`<point>` ("copy", "persist", "step") is reached in any process (or in rank `<rank>`), at step
+`<step>` or later (the `<marker>` file records it). `<action>` is a number of seconds to pause,
+printing a line that names the point and the pid so a test can SIGKILL that process right
+there, or `kill`: the process SIGKILLs itself there (no race with the test's reaction time).
 `PERENNIAL_KEEPER_MAX_FILE_BYTES=<n>` caps the file size (RLIMIT_FSIZE) while the keeper
 persists: writes past it fail with EFBIG like a full disk. Unset, both do nothing.
 """
@@ -19,11 +19,14 @@ import sys
 import time
 
 
-def maybe_pause(point: str, step: int, what: str) -> None:
+def maybe_pause(point: str, step: int, what: str, rank: int | None = None) -> None:
     for spec in filter(None, os.environ.get("PERENNIAL_FAULT_PAUSE", "").split(";")):
         where, _, rest = spec.partition(":")
         action, _, marker = rest.partition(":")
+        where, _, only_rank = where.partition("#")
         name, _, from_step = where.partition("@")
+        if only_rank and rank != int(only_rank):
+            continue
         if name == point and marker and step >= int(from_step or 0) and _first(marker):
             _act(point, what, action)
 

@@ -123,8 +123,10 @@ def _above(seconds: float, floor: float) -> float:
 
 def main() -> None:
     if sys.argv[1:2] == ["--save-worker"]:
+        from trainer.distributed import exit_skipping_teardown
+
         save_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-        return
+        exit_skipping_teardown(0)  # gloo threads can abort a normal interpreter exit
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few MB of state")
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")

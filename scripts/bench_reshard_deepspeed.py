@@ -100,5 +100,9 @@ def deepspeed_reshard_seconds(root: Path, width: int, depth: int) -> tuple[float
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from trainer.distributed import exit_skipping_teardown
+
     role, root, width, depth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     {"--save-worker": save_worker, "--load-worker": load_worker}[role](root, width, depth)
+    exit_skipping_teardown(0)  # gloo threads can abort a normal interpreter exit

@@ -26,7 +26,7 @@ from checkpointing.snapshot import SnapshotEngine
 from launch.keepers import SHM_BASE, _wait_listening
 from launch.spawn import free_port, run_distributed
 from scripts.bench_reshard import build_state, timed
-from scripts.report import REPO, median_spread
+from scripts.report import REPO, fmt_ms, median_spread
 
 MIB = 1 << 20
 WORLD_SIZES = (1, 2, 4)
@@ -147,11 +147,6 @@ def measure_ranks(quick: bool) -> dict[int, dict]:
     return results
 
 
-def fmt_ms(samples: list[float]) -> str:
-    median, spread = median_spread(samples)
-    return f"{median * 1e3:,.1f} ± {spread * 1e3:,.1f}"
-
-
 def ranks_section(results: dict[int, dict]) -> list[str]:
     total = next(iter(results.values()))["bytes"]
     lines = [
@@ -160,8 +155,8 @@ def ranks_section(results: dict[int, dict]) -> list[str]:
         f"ranks on this {os.cpu_count()}-core machine, one real keeper for the node; times are "
         "the slowest rank's. Loads read a checkpoint saved by the same world size, page cache "
         "warm. Expected: per-rank bytes fall as 1/N, so the stall falls with N until the "
-        "machine is oversubscribed (4 processes on 2 cores), while a load is bounded by the "
-        "total bytes read and stays roughly flat.", "",
+        f"processes outnumber the cores (here {max(WORLD_SIZES)} processes on {os.cpu_count()} "
+        "cores), while a load is bounded by the total bytes read and stays roughly flat.", "",
         "| ranks | state per rank (MiB) | Perennial stall (ms) | DCP async_save stall (ms) | "
         "DCP / Perennial | Perennial load (ms) | DCP load (ms) |",
         "|---|---|---|---|---|---|---|",

@@ -36,6 +36,12 @@ def fmt_seconds(samples: list[float]) -> str:
     return f"{median:.3f} ± {spread:.3f}"
 
 
+def fmt_ms(samples: list[float]) -> str:
+    """Seconds as milliseconds: median ± half-range."""
+    median, spread = median_spread(samples)
+    return f"{median * 1e3:,.1f} ± {spread * 1e3:,.1f}"
+
+
 def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"

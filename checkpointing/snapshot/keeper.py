@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     keeper.restore_from_peer()
     server = _Server((keeper.args.bind, keeper.args.port), _Handler)
     server.keeper = keeper  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     for tasks in (keeper.tasks, keeper.persists):
         threading.Thread(target=keeper.work, args=(tasks,), daemon=True).start()
-    keeper.finish_adopted_work()
+    keeper.finish_adopted_work()  # pins what it persists before any worker may reuse a slot
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     keeper.log(f"serving {keeper.node_dir} on port {keeper.args.port}")
     stop.wait()
     keeper.persist_newest_on_exit()

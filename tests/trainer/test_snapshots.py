@@ -25,8 +25,9 @@ def test_moe_snapshots_resume_bitwise_and_persist_stacked_layouts(tmp_path, data
     reference = moe_run(tmp_path / "reference", data_cache)
     assert "resumed from" not in reference.stderr
     killed = moe_run(tmp_path / "killed", data_cache, f"step@6:kill:{tmp_path / 'marker'}")
-    resumed = re.findall(r"resumed from (\S+) \(step (\d+)\)", killed.stderr)
-    assert [(source.split(":")[0], int(step)) for source, step in resumed] == [("memory", 4)]
+    (source, step), = re.findall(r"resumed from (\S+) \(step (\d+)\)", killed.stderr)
+    # Killed right after the snapshot of step 6 started: its copy may or may not have finished.
+    assert source.startswith("memory:") and int(step) in (4, 6), killed.stderr
 
     index = json.loads((tmp_path / "killed/checkpoints/step-00000004/index.json").read_text())
     experts = {k: v["layout"] for k, v in index["tensors"].items()

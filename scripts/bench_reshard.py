@@ -164,7 +164,7 @@ def deepspeed_lines(deepspeed: tuple[float, float], ours_2_to_3: float) -> list[
     ]
 
 
-def markdown(quick: bool, repeats: int = 3) -> str:
+def markdown(quick: bool, repeats: int = 5) -> str:
     """The report section; `quick`: ~50 MB of state and 2 repeats instead of ~1 GB."""
     # width is odd so no layout splits it evenly; 3 tensors (weight + 2 moments) per parameter
     width, depth = (1001, 4) if quick else (2999, 10)
@@ -176,7 +176,7 @@ def markdown(quick: bool, repeats: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~50 MB of state, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")
     args = parser.parse_args()
     text = markdown(args.quick, args.repeats)

@@ -10,6 +10,7 @@ or, when they are gone with the node, fetches them back from its peer's replica.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -41,18 +42,18 @@ class KeeperGroup:
         else:
             self.ports = [free_port() for _ in range(simulated)]
         self.commands = []
+        # Only keepers that replicate across real nodes are reached from other hosts.
+        cross_node = bool(cfg.checkpoint.replicas and flags.keeper_peer and simulated == 1)
+        node_peer = resolve_keeper_peer(flags.keeper_peer, flags.keeper_port) if cross_node else ""
         for i, port in enumerate(self.ports):
-            peer = f"127.0.0.1:{self.ports[(i + 1) % simulated]}" if simulated > 1 else ""
+            peer = f"127.0.0.1:{self.ports[(i + 1) % simulated]}" if simulated > 1 else node_peer
             cmd = [sys.executable, "-m", "checkpointing.snapshot.keeper",
                    "--shm-root", str(self.shm_root), "--node-index", str(self.node_index + i),
                    "--num-nodes", str(num_nodes), "--port", str(port),
                    "--local-ranks", str(nproc // simulated), "--checkpoint-dir",
                    cfg.checkpoint.dir, "--keep", str(cfg.checkpoint.keep)]
-            peer = peer or flags.keeper_peer
             if cfg.checkpoint.replicas and peer:
                 cmd += ["--peer", peer]
-            # Only keepers that replicate across real nodes are reached from other hosts.
-            cross_node = bool(cfg.checkpoint.replicas and flags.keeper_peer and simulated == 1)
             cmd += ["--bind", "0.0.0.0" if cross_node else "127.0.0.1"]
             self.commands.append(cmd)
         self.procs: list[subprocess.Popen] = []
@@ -109,6 +110,26 @@ def _wait_listening(port: int, timeout_s: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"keeper on port {port} did not start") from None
             time.sleep(0.05)
+
+
+def resolve_keeper_peer(peer: str, port: int) -> str:
+    """`host:port` as given, or for `slurm` the next node of this Slurm job's node list (a ring,
+    so every node's snapshot lives on one other node) at the same keeper port."""
+    if peer != "slurm":
+        return peer
+    nodelist, node_id = os.environ.get("SLURM_JOB_NODELIST"), os.environ.get("SLURM_NODEID")
+    if not nodelist or node_id is None:
+        raise ValueError("--keeper-peer slurm needs a Slurm job step ($SLURM_JOB_NODELIST and "
+                         "$SLURM_NODEID are not set)")
+    if not port:
+        raise ValueError("--keeper-peer slurm needs a fixed --keeper-port (the same on every node)")
+    proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                          text=True)
+    hosts = proc.stdout.split()
+    if proc.returncode != 0 or not hosts:
+        raise ValueError(f"scontrol cannot expand SLURM_JOB_NODELIST={nodelist!r}: "
+                         f"{proc.stderr.strip() or 'no hosts'}")
+    return f"{hosts[(int(node_id) + 1) % len(hosts)]}:{port}"
 
 
 def keepers_wanted(cfg) -> bool:

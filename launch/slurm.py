@@ -8,7 +8,9 @@ i.e. torchrun with a c10d rendezvous on the first node), which starts G workers 
 `--signal=TERM@120 --requeue`: two minutes before the time limit the launchers get SIGTERM, the
 workers save, and the script requeues the job; a requeued job runs the same script and resumes
 from the newest checkpoint on its own. A job the scheduler preempts or an admin requeues
-(`scontrol requeue`) restarts the same way.
+(`scontrol requeue`) restarts the same way. On several nodes every keeper listens on
+--rdzv-port + 1 and, with `checkpoint.replicas=1`, replicates to the next node of the job's
+node list (`--keeper-peer slurm`).
 
 With --gpus-per-node 0 the job runs on CPUs: --nproc-per-node workers per node (default 1),
 each with one CPU unless --cpus-per-task says otherwise.
@@ -142,6 +144,8 @@ def job_body(flags, nproc: int, cpus: int, config: str | None, overrides: list[s
     train += ([config] if config else []) + list(overrides)
     train += ["--nproc", str(nproc), "--nnodes", str(flags.nodes)]
     train += ["--max-restarts", str(flags.max_restarts)]
+    if flags.nodes > 1:  # each node's keeper replicates to the next node's (checkpoint.replicas=1)
+        train += ["--keeper-port", str(flags.rdzv_port + 1), "--keeper-peer", "slurm"]
     srun = ["srun", "--kill-on-bad-exit=1"] + ([f"--cpus-per-task={cpus}"] if cpus else [])
     launch = " ".join(shlex.quote(part) for part in srun + train)
     requeue_test = " || ".join(f"$code -eq {code}" for code in requeue_exit_codes())

@@ -27,7 +27,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keeper-port", type=int, default=0,
                         help="snapshot keeper port (fixed on multi-node jobs; 0 = any free)")
     parser.add_argument("--keeper-peer", default="",
-                        help="host:port of the next node's keeper (checkpoint.replicas=1)")
+                        help="host:port of the next node's keeper (checkpoint.replicas=1), or "
+                             "'slurm': the next node of $SLURM_JOB_NODELIST at --keeper-port")
     parser.add_argument("--simulated-nodes", type=int, default=1,
                         help="run K keepers here, each owning nproc/K ranks (for tests)")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.keepers import resolve_keeper_peer
 from launch.spawn import free_port
 from tests.trainer.runs import REPO, metrics, perennial, tiny_job
 from tests.trainer.test_resume import assert_bitwise_equal, final_weights
@@ -56,6 +57,28 @@ def test_script_runs_the_launcher_once_per_node(tmp_path):
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert f"run.dir={tmp_path}" in srun and '--rdzv-endpoint "$HEAD:29612"' in srun
     assert "if [[ $code -eq 143 ]]; then" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+def test_nodes_replicate_snapshots_to_the_next_node(tmp_path):
+    script = write_script(tmp_path / "four", "train.global_batch_size=64",
+                          "train.micro_batch_size=2", "--nodes", "4", "--gpus-per-node", "8",
+                          "--rdzv-port", "29612")
+    assert "--keeper-port 29613 --keeper-peer slurm" in script
+    assert "--keeper-peer" not in write_script(tmp_path / "one", *CPU_JOB)
+
+
+def test_slurm_peer_is_the_next_host_of_the_node_list(slurm, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-09]")
+    for node_id, peer in (("0", "gpu08:29613"), ("2", "gpu07:29613")):
+        monkeypatch.setenv("SLURM_NODEID", node_id)
+        assert resolve_keeper_peer("slurm", 29613) == peer
+    assert resolve_keeper_peer("10.0.0.2:29613", 29613) == "10.0.0.2:29613"
+
+
+def test_slurm_peer_outside_a_job_names_the_variables(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        resolve_keeper_peer("slurm", 29613)
 
 
 @pytest.mark.parametrize(

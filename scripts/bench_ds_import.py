@@ -53,7 +53,8 @@ def save_worker(save_dir: str, width: int, depth: int) -> None:
     dist.destroy_process_group()
 
 
-def _run(*args: str) -> float:
+def run_timed(*args: str) -> float:
+    """Wall time of `python ARGS` as a command (start-up included); raises if it fails."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True)
@@ -63,19 +64,24 @@ def _run(*args: str) -> float:
     return elapsed
 
 
+def ds_to_universal_seconds(step_dir: Path, output: Path) -> float:
+    """DeepSpeed's converter as a user runs it, with 2 extract and 2 merge workers (the cores)."""
+    return run_timed("-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                     str(step_dir), "--output_folder", str(output), "--num_extract_workers", "2",
+                     "--num_merge_workers", "2")
+
+
 def measure(root: Path, width: int, depth: int) -> dict:
     src = root / "ds"
-    _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    run_timed("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(REPO / "scripts" / "bench_ds_import.py"), "--save-worker", str(src),
          str(width), str(depth))
     step_dir = next(src.glob("global_step*"))
     optim_bytes = sum(f.stat().st_size for f in step_dir.glob("*optim_states.pt"))
-    ours = _run("-m", "launch.cli", "ckpt", "import", str(src), str(root / "ours"))
-    theirs = _run("-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
-                  "--output_folder", str(root / "universal"), "--num_extract_workers", "2",
-                  "--num_merge_workers", "2")
-    return {"floor_ours": _run("-c", "import torch.distributed.checkpoint"),
-            "floor_theirs": _run("-c", "import deepspeed.checkpoint.ds_to_universal"),
+    ours = run_timed("-m", "launch.cli", "ckpt", "import", str(src), str(root / "ours"))
+    theirs = ds_to_universal_seconds(step_dir, root / "universal")
+    return {"floor_ours": run_timed("-c", "import torch.distributed.checkpoint"),
+            "floor_theirs": run_timed("-c", "import deepspeed.checkpoint.ds_to_universal"),
             "params": (width * width + 3 * width) * depth, "tensors": 4 * depth,
             "optim_bytes": optim_bytes, "ours": ours, "theirs": theirs}
 

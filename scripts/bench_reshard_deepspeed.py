@@ -13,14 +13,14 @@ Both steps run as commands (torchrun for the engines); the load time is the slow
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+sys.path.insert(0, str(REPO))
+from scripts.bench_ds_import import ds_to_universal_seconds, run_timed  # noqa: E402
+
 SAVE_RANKS, LOAD_RANKS = 2, 3
 
 
@@ -73,17 +73,8 @@ def load_worker(root: str, width: int, depth: int) -> None:
     dist.destroy_process_group()
 
 
-def _run(*args: str) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
 def _torchrun(ranks: int, role: str, root: Path, width: int, depth: int) -> None:
-    _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+    run_timed("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
          str(Path(__file__)), role, str(root), str(width), str(depth))
 
 
@@ -92,15 +83,12 @@ def deepspeed_reshard_seconds(root: Path, width: int, depth: int) -> tuple[float
     root = Path(root) / "deepspeed"
     _torchrun(SAVE_RANKS, "--save-worker", root, width, depth)
     step_dir = next(root.glob("global_step*"))
-    convert = _run("-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
-                   "--output_folder", f"{step_dir}_universal", "--num_extract_workers", "2",
-                   "--num_merge_workers", "2")
+    convert = ds_to_universal_seconds(step_dir, Path(f"{step_dir}_universal"))
     _torchrun(LOAD_RANKS, "--load-worker", root, width, depth)
     return convert, json.loads((root / "load_seconds.json").read_text())
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     from trainer.distributed import exit_skipping_teardown
 
     role, root, width, depth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,33 +21,15 @@ import torch.distributed.checkpoint as dcp
 
 from checkpointing import CheckpointManager
 from checkpointing.snapshot import SnapshotEngine
-from launch.keepers import SHM_BASE, _wait_listening
-from launch.spawn import free_port, run_distributed
+from launch.spawn import run_distributed
 from scripts.bench_reshard import build_state, timed
-from scripts.report import REPO, fmt_ms, median_spread
+from scripts.bench_snapshot import KeeperProcess
+from scripts.report import fmt_ms, median_spread
 
 MIB = 1 << 20
 WORLD_SIZES = (1, 2, 4)
 STATE = {False: dict(width=2048, depth=11), True: dict(width=512, depth=6)}  # 528 / 18 MiB
 REPEATS = {False: 3, True: 2}
-
-
-class NodeKeeper:
-    """One real keeper process for all `local_ranks` ranks of this machine."""
-
-    def __init__(self, checkpoint_dir: Path, local_ranks: int) -> None:
-        self.shm_root = SHM_BASE / f"bench-scaling-{os.getpid()}-{local_ranks}"
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "checkpointing.snapshot.keeper", "--shm-root",
-               str(self.shm_root), "--port", str(self.port), "--local-ranks", str(local_ranks),
-               "--checkpoint-dir", str(checkpoint_dir), "--keep", "1", "--bind", "127.0.0.1"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
-        _wait_listening(self.port)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=300)
-        shutil.rmtree(self.shm_root, ignore_errors=True)
 
 
 def slowest(seconds: float) -> float:
@@ -134,7 +114,7 @@ def measure_ranks(quick: bool) -> dict[int, dict]:
     results = {}
     for world in WORLD_SIZES:
         with tempfile.TemporaryDirectory(prefix="bench-scaling-ranks-") as workdir:
-            keeper = NodeKeeper(Path(workdir) / "keeper-checkpoints", world)
+            keeper = KeeperProcess(Path(workdir) / "keeper-checkpoints", world)
             try:
                 args = (*STATE[quick].values(), REPEATS[quick], keeper.port,
                         str(keeper.shm_root), workdir)

@@ -54,24 +54,34 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class Keeper:
-    """One real keeper process, as `perennial train` starts it, for one local rank."""
+class KeeperProcess:
+    """One real keeper process, as `perennial train` starts it, for `local_ranks` ranks."""
 
-    def __init__(self, checkpoint_dir: Path) -> None:
-        self.shm_root = SHM_BASE / f"bench-snapshot-{os.getpid()}"
+    def __init__(self, checkpoint_dir: Path, local_ranks: int = 1) -> None:
+        self.shm_root = SHM_BASE / f"bench-{os.getpid()}-{local_ranks}"
         self.port = free_port()
         cmd = [sys.executable, "-m", "checkpointing.snapshot.keeper", "--shm-root",
-               str(self.shm_root), "--port", str(self.port), "--local-ranks", "1",
-               "--checkpoint-dir", str(checkpoint_dir), "--keep", "1"]
+               str(self.shm_root), "--port", str(self.port), "--local-ranks", str(local_ranks),
+               "--checkpoint-dir", str(checkpoint_dir), "--keep", "1", "--bind", "127.0.0.1"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
         _wait_listening(self.port)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=300)
+        shutil.rmtree(self.shm_root, ignore_errors=True)
+
+
+class Keeper(KeeperProcess):
+    """A keeper for one local rank, with this process's snapshot engine attached."""
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        super().__init__(checkpoint_dir)
         self.engine = SnapshotEngine(f"127.0.0.1:{self.port}", self.shm_root, 0)
 
     def close(self) -> None:
         self.engine.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=120)
-        shutil.rmtree(self.shm_root, ignore_errors=True)
+        super().close()
 
 
 def timed(fn) -> float:

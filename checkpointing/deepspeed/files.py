@@ -226,7 +226,8 @@ def _sub_group_at(sizes: list[int], offset: int) -> int:
 
 
 def _hyperparameters(group: dict) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+    """The group's entries but its parameter list (the importer makes them JSON)."""
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def _rank_of(path: Path) -> int:

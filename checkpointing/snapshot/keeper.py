@@ -87,9 +87,13 @@ class Keeper:
             manifest = {**manifest, "state": "copied", "global_state": message["global_state"],
                         "rank_state": message["rank_state"], "persist": message["persist"]}
             self.store.set_manifest(rank, slot, manifest)
-            self.store.pin(rank, slot, +1)  # until checksummed (and replicated)
-        self.tasks.put((self._checksum, rank, slot))
+            self.queue_checksum(rank, slot)
         return {"ok": True}
+
+    def queue_checksum(self, rank: int, slot: int) -> None:
+        """Pin the copied slot until it is checksummed (and replicated)."""
+        self.store.pin(rank, slot, +1)
+        self.tasks.put((self._checksum, rank, slot))
 
     def _replica_store(self, node: int) -> SlotStore:
         if node not in self.replica_stores:
@@ -166,8 +170,7 @@ class Keeper:
         with self.store.lock:
             copied = [key for key, m in self.store.manifests.items() if m["state"] == "copied"]
             for rank, slot in copied:
-                self.store.pin(rank, slot, +1)
-                self.tasks.put((self._checksum, rank, slot))
+                self.queue_checksum(rank, slot)
         self.tasks.join()
         step = self.newest_unpersisted_step(due_only=True)
         if step is not None:

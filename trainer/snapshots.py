@@ -110,8 +110,7 @@ class Snapshots:
         """The tensors to copy (the live parameters and optimizer state, the same objects every
         step, so gathered once) and this step's optimizer JSON entries."""
         trainer = self.state.trainer
-        if getattr(trainer, "deepspeed", None) is not None:
-            return self.state.tensors()
+        assert trainer.deepspeed is None, "config validation refuses snapshots under DeepSpeed"
         if self._tensors is None:
             self._tensors = self.state.tensors()[0]
             self._optimizer_values = OptimizerValues(trainer.model, trainer.optimizer)

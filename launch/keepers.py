@@ -130,8 +130,3 @@ def resolve_keeper_peer(peer: str, port: int) -> str:
         raise ValueError(f"scontrol cannot expand SLURM_JOB_NODELIST={nodelist!r}: "
                          f"{proc.stderr.strip() or 'no hosts'}")
     return f"{hosts[(int(node_id) + 1) % len(hosts)]}:{port}"
-
-
-def keepers_wanted(cfg) -> bool:
-    return bool(cfg.checkpoint.enabled and cfg.checkpoint.interval > 0)
-

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 from checkpointing.snapshot.slots import SLOTS_PER_RANK
-from launch.keepers import job_id, keepers_wanted
+from launch.keepers import job_id
 from trainer.config_loader import validate_layout
 
 SHM_DIR = Path("/dev/shm")
@@ -28,7 +28,7 @@ def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
     check_run_dir_writable(cfg.run.dir)
     if rdzv_endpoint:
         check_rendezvous_port(rdzv_endpoint)
-    if keepers_wanted(cfg):
+    if cfg.checkpoint.memory_snapshots():
         check_shm_space(cfg, nproc, nproc * nnodes)
 
 

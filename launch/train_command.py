@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from launch.args import parse_job_args
-from launch.keepers import KeeperGroup, keepers_wanted
+from launch.keepers import KeeperGroup
 from launch.preflight import preflight
 from trainer.config_loader import load_config, to_yaml, validate_layout
 
@@ -44,7 +44,7 @@ def train_command(argv: list[str]) -> int:
         print(to_yaml(cfg), end="")
         return 0
     preflight(cfg, flags.nproc, _min_nodes(flags.nnodes), flags.rdzv_endpoint)
-    keepers = KeeperGroup(cfg, flags.nproc, flags) if keepers_wanted(cfg) else None
+    keepers = KeeperGroup(cfg, flags.nproc, flags) if cfg.checkpoint.memory_snapshots() else None
     if keepers is not None:
         keepers.start()
         os.environ.update(keepers.env())

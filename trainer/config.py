@@ -96,6 +96,10 @@ class CheckpointConfig:
     replicas: int = 0
     """1 = also copy each node's snapshots to the next node's keeper (survives node loss)."""
 
+    def memory_snapshots(self) -> bool:
+        """Whether the run takes in-memory snapshots (and `perennial train` starts keepers)."""
+        return self.enabled and self.interval > 0
+
 
 @dataclass
 class EvalConfig:

@@ -56,7 +56,7 @@ class Snapshots:
             raise ValueError(f"checkpoint.replicas must be 0 or 1, got {self.cfg.replicas}")
         if self.cfg.interval < 0:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.cfg.interval}")
-        if not (self.cfg.enabled and self.cfg.interval > 0):
+        if not self.cfg.memory_snapshots():
             return None
         if ENV_KEEPERS not in os.environ:
             self.state._say(f"checkpoint.interval={self.cfg.interval} needs the keeper that "

@@ -67,7 +67,7 @@ def check_grow(cfg: JobConfig) -> ModelConfig | None:
         )
     if cfg.parallel.strategy == "deepspeed":
         raise ValueError("grow.at_step is not supported with parallel.strategy=deepspeed")
-    if cfg.checkpoint.enabled and cfg.checkpoint.interval > 0:
+    if cfg.checkpoint.memory_snapshots():
         raise ValueError(
             "grow.at_step is not supported with checkpoint.interval > 0 (memory snapshots: "
             "the keeper's slots are sized for the model before growth)"

@@ -20,6 +20,7 @@ import torch
 
 from checkpointing import resolve_checkpoint
 from checkpointing.cli import main as checkpointing_main
+from checkpointing.deepspeed.files import is_universal_dir
 from launch.args import _Parser
 
 SourceKind = Literal["hf", "deepspeed", "perennial"]
@@ -64,9 +65,9 @@ def detect_source_kind(path: str | os.PathLike) -> SourceKind:
 def _is_deepspeed_dir(path: Path) -> bool:
     """A DeepSpeed save dir (`global_stepN/` with *_model_states.pt), one such step dir, or a
     ds_to_universal output dir (`zero/<param>/fp32.pt`)."""
-    step_dirs = [path, *path.glob("global_step*")]
-    if any(path.glob("zero/*/fp32.pt")):
+    if is_universal_dir(path):
         return True
+    step_dirs = [path, *path.glob("global_step*")]
     return any(any(d.glob("*model_states.pt")) for d in step_dirs if d.is_dir())
 
 

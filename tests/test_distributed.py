@@ -4,6 +4,7 @@ within the timeout; it never blocks on a result that will not come."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -22,11 +23,12 @@ def rank_returns(value: int) -> int:
 
 
 def rank1_dies(how: str) -> None:
+    dist.barrier()  # both ranks are up
     if dist.get_rank() == 1:
         if how == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(3)
-    dist.barrier()  # rank 0 waits here for a peer that is gone
+    # rank 0 returns its result: the old harness then waited forever for rank 1's
 
 
 def rank0_sleeps() -> None:
@@ -66,7 +68,7 @@ def test_a_rank_dying_hard_fails_with_its_exit_code(how, code):
 
 
 def test_a_rank_that_never_returns_fails_at_the_timeout():
-    outcome, elapsed = call_bounded(rank0_sleeps, world_size=2, timeout=8)
+    outcome, elapsed = call_bounded(rank0_sleeps, world_size=2, timeout=20)
     assert isinstance(outcome.get("error"), TimeoutError), outcome
-    assert "ranks [0] gave no result" in str(outcome["error"])
+    assert re.match(r"ranks \[0(, 1)?\] gave no result within", str(outcome["error"]))
     assert elapsed < DEADLINE_S

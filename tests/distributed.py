@@ -14,6 +14,7 @@ dead one) are killed.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 import traceback
@@ -39,13 +40,20 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(*args)
-        conn.send(("ok", result))  # a pipe write is synchronous: done before the exit below
+        _send(conn, ("ok", result))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
-        conn.send(("error", traceback.format_exc()))
+        _send(conn, ("error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         exit_skipping_teardown(0)  # the result is already in the pipe
+
+
+def _send(conn, message: tuple) -> None:
+    """Plain pickle, not torch's ForkingPickler: a tensor then travels by value, not as a
+    shared-memory handle the parent would fetch from this process after it has exited. A pipe
+    write is synchronous: done before the rank exits."""
+    conn.send_bytes(pickle.dumps(message))
 
 
 def describe_exit(code: int | None) -> str:
@@ -87,7 +95,7 @@ def _collect(readers: list, procs: list, deadline: float) -> dict[int, Any]:
             raise TimeoutError(f"ranks {sorted(waiting)} gave no result within the timeout")
         for rank in [r for r, reader in waiting.items() if reader in ready]:
             try:
-                status, payload = waiting.pop(rank).recv()
+                status, payload = pickle.loads(waiting.pop(rank).recv_bytes())
             except EOFError:  # the pipe closed without a result: the rank died
                 procs[rank].join(timeout=5)
                 raise RuntimeError(

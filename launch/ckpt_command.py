@@ -1,7 +1,8 @@
 """`perennial ckpt`: import foreign checkpoints, export Hugging Face directories.
 
     perennial ckpt import SRC OUT                 SRC: a Hugging Face model directory, a
-                                                  DeepSpeed ZeRO checkpoint or ds_to_universal dir
+                                                  DeepSpeed ZeRO checkpoint or ds_to_universal
+                                                  dir, or a torch DCP checkpoint (torchtitan)
     perennial ckpt export PATH OUT --format hf [--max-shard-size 5GB] [--dtype float32]
 
 Every other subcommand (inspect, verify, export --format safetensors) is checkpointing.cli's.
@@ -21,9 +22,10 @@ import torch
 from checkpointing import resolve_checkpoint
 from checkpointing.cli import main as checkpointing_main
 from checkpointing.deepspeed.files import is_universal_dir
+from checkpointing.torch_dcp import import_dcp_checkpoint, is_dcp_dir
 from launch.args import _Parser
 
-SourceKind = Literal["hf", "deepspeed", "perennial"]
+SourceKind = Literal["hf", "deepspeed", "dcp", "perennial"]
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +50,8 @@ def detect_source_kind(path: str | os.PathLike) -> SourceKind:
         raise ValueError(f"{path} is not a directory")
     if _is_deepspeed_dir(path):  # first: the HF check imports the model code (seconds)
         return "deepspeed"
+    if is_dcp_dir(path):
+        return "dcp"
     from trainer.model.hf_io import CONFIG_FILE, is_hf_dir
 
     if is_hf_dir(path):
@@ -85,14 +89,14 @@ def _import_deepspeed(src: Path, out: Path) -> Path:
 
 # Importers by source kind.
 IMPORTERS: dict[str, Callable[[Path, Path], Path]] = {
-    "hf": _import_hf, "deepspeed": _import_deepspeed,
+    "hf": _import_hf, "deepspeed": _import_deepspeed, "dcp": import_dcp_checkpoint,
 }
 
 
 def _import(argv: list[str]) -> int:
     parser = _Parser(prog="perennial ckpt import", description="Import a foreign checkpoint.")
-    parser.add_argument("src", help="a Hugging Face model dir, DeepSpeed checkpoint or "
-                        "ds_to_universal dir")
+    parser.add_argument("src", help="a Hugging Face model dir, DeepSpeed checkpoint, "
+                        "ds_to_universal dir or torch DCP checkpoint (torchtitan)")
     parser.add_argument("out", help="checkpoint root to create (must not exist or be empty)")
     args = parser.parse_args(argv)
     src, out = Path(args.src), Path(args.out)

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from launch.spawn import free_port
+from trainer.distributed import free_port
 
 SHM_BASE = Path("/dev/shm/perennial")
 STOP_TIMEOUT_S = 60.0

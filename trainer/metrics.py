@@ -7,12 +7,13 @@ fields are absent rather than made up.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from trainer.wandb_log import flatten, last_step_held, start_wandb
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets), for MFU.
 _PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -48,24 +49,32 @@ class NvmlMemory:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites stay unconditional."""
 
-    def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config_dict=None):
+    def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config_dict=None,
+                 run_name: str = ""):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_run = None
+        self.wandb_holds_through = 0
         if enabled and wandb_cfg is not None and wandb_cfg.wandb:
-            self.wandb_run = _start_wandb(run_dir, wandb_cfg.wandb_project, config_dict)
+            name = run_name or Path(run_dir).name
+            self.wandb_run = start_wandb(run_dir, name, wandb_cfg.wandb_project, config_dict)
 
     def truncate_after(self, step: int) -> None:
         """After a resume from `step`, drop lines the crashed run logged past it, so the file
-        holds one line per step of the continued run."""
-        if not self.enabled or not self.path.exists():
+        holds one line per step of the continued run; W&B gets the steps up to `step` it lacks
+        (trainer/wandb_log.py)."""
+        if not self.enabled:
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+        if self.wandb_run is not None:
+            held = last_step_held(self.wandb_run, self.run_dir)
+            for record in map(json.loads, kept):
+                if record["step"] > held:
+                    self.wandb_run.log(flatten(record), step=record["step"])
+            self.wandb_holds_through = max(held, step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -73,32 +82,13 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(_flatten(record), step=record["step"])
+        if self.wandb_run is not None and record["step"] > self.wandb_holds_through:
+            self.wandb_run.log(flatten(record), step=record["step"])
         print(format_line(record), file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
-
-
-def _start_wandb(run_dir: str, project: str, config_dict):
-    import wandb
-
-    mode = os.environ.get("WANDB_MODE", "offline")
-    return wandb.init(
-        project=project, name=Path(run_dir).name, dir=run_dir, mode=mode, config=config_dict
-    )
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def format_line(record: dict) -> str:

@@ -18,6 +18,7 @@ from checkpointing import (
     optimizer_tensors,
     resolve_checkpoint,
 )
+from checkpointing.torch_dcp import is_dcp_dir, load_dcp_into, resolve_dcp
 from trainer.config_loader import to_yaml
 from trainer.distributed import rng_state, seed_rng, set_rng_state
 from trainer.model.moe import expert_layouts
@@ -137,6 +138,8 @@ class TrainState:
 
     def _warm_start(self, source: str) -> None:
         init = self.cfg.init
+        if is_dcp_dir(source):
+            return self._warm_start_dcp(source)
         path = resolve_checkpoint(source)
         tensors, _ = self.tensors(with_optimizer=init.load_optimizer)
         result = self.manager_for(path).load(path, tensors)
@@ -152,6 +155,18 @@ class TrainState:
         }
         what = "weights" + (" + optimizer" if init.load_optimizer else "")
         self._say(f"warm start: {what} from {path} (step {saved['step']})")
+
+    def _warm_start_dcp(self, source: str) -> None:
+        """init.from a torch DCP checkpoint (torchtitan): its model weights, resharded by DCP."""
+        if self.cfg.init.load_optimizer or self.cfg.init.load_schedule:
+            raise ValueError(f"init.from={source} is a torch DCP checkpoint: only its weights "
+                             "load; unset init.load_optimizer and init.load_schedule")
+        tensors, _ = self.tensors(with_optimizer=False)
+        step = load_dcp_into(source, tensors)
+        apply_model_tensors(self.trainer.model, tensors)
+        path = resolve_dcp(source)
+        self.phase = {"init_from": str(path), "source_step": step, "source_phase": {}}
+        self._say(f"warm start: weights from torch DCP checkpoint {path} (step {step})")
 
     def manager_for(self, path: Path) -> CheckpointManager:
         return CheckpointManager(Path(path).parent, keep=1_000_000, layouts=self.layouts)

@@ -105,7 +105,8 @@ class Trainer:
 
     def build_metrics(self) -> None:
         self.metrics = MetricsLogger(
-            self.cfg.run.dir, self.is_main, self.cfg.log, {"config": to_yaml(self.cfg)}
+            self.cfg.run.dir, self.is_main, self.cfg.log, {"config": to_yaml(self.cfg)},
+            run_name=self.cfg.run.name,
         )
         flops = self.plain_model.flops_per_token(self.cfg.data.seq_len)
         self.throughput = Throughput(flops, self.dist.world_size, self.dist.device)

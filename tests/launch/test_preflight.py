@@ -15,9 +15,9 @@ from launch.preflight import (
     check_world_size,
     snapshot_bytes_per_node,
 )
-from launch.spawn import free_port
 from tests.trainer.runs import perennial, tiny_job
 from trainer.config_loader import load_config
+from trainer.distributed import free_port
 
 # Roughly 52 billion parameters: its snapshots cannot fit any machine's /dev/shm.
 HUGE_MODEL = ["model.dim=8192", "model.n_layers=64", "model.n_heads=64", "model.n_kv_heads=8"]

@@ -1,7 +1,12 @@
 import json
+import subprocess
 
+import pytest
+
+from tests.trainer.runs import metrics, perennial, tiny_job
 from trainer.config import LogConfig
 from trainer.metrics import MetricsLogger, format_line, peak_flops
+from trainer.run_identity import read_run_id
 
 
 def test_jsonl_line_per_step_and_truncate_after_resume(tmp_path, capsys):
@@ -33,3 +38,41 @@ def test_line_format_and_mfu_peaks():
     line = format_line({"step": 5, "loss": 1.5, "mfu": 0.41, "eval_loss": {"code": 2.0}})
     assert "mfu 41.0%" in line and "eval[code] 2.0000" in line
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("cpu") is None
+
+
+def wandb_history(run_dir) -> tuple[set[str], list[dict], list[dict]]:
+    """Every offline W&B session of a run, read back with W&B's own reader of its transaction
+    log (`wandb leet inspect --json`): the run ids, run records and history rows."""
+    ids, runs, rows = set(), [], []
+    for session in sorted((run_dir / "wandb").glob("offline-run-*")):
+        ids.add(session.name.rsplit("-", 1)[1])
+        out = subprocess.run(["wandb", "leet", "inspect", "--json", str(session)],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        runs += [r["run"] for r in records if r.get("type") == "run"]
+        rows += [r["history"] for r in records if r.get("type") == "history"]
+    return ids, runs, rows
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_twice_is_one_wandb_run_with_each_step_once(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    # Memory snapshots every 3 steps; each kill falls 2 steps after one, so each restart
+    # repeats 2 logged steps: 4-5 after the kill at 5, 7-8 after the kill at 8.
+    faults = f"step@5#0:kill:{tmp_path / 'k5'};step@8#0:kill:{tmp_path / 'k8'}"
+    perennial("train", *tiny_job(run_dir, data_cache, "train.max_steps=10",
+                                 "schedule.total_steps=10", "checkpoint.interval=3",
+                                 "checkpoint.persist_interval=6", "log.wandb=true",
+                                 "run.name=my-experiment"),
+              "--max-restarts", "2",
+              env={"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                   "PERENNIAL_FAULT_PAUSE": faults})  # fmt: skip
+    ids, runs, rows = wandb_history(run_dir)
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3, "one session per start"
+    assert ids == {read_run_id(run_dir)}, "every session is the run's own W&B run"
+    # A killed session loses what W&B had not flushed yet (run record and rows alike): the
+    # rows come back from metrics.jsonl on the resume.
+    assert runs and {r["display_name"] for r in runs} == {"my-experiment"}
+    steps = [row["step"]["num"] for row in rows]
+    assert steps == list(range(1, 11)), f"each step once, in order: {steps}"
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 11))

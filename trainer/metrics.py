@@ -6,6 +6,7 @@ fields are absent rather than made up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,37 +46,84 @@ class NvmlMemory:
         return self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**30
 
 
+MAX_PENDING_LINES = 100_000
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites stay unconditional."""
 
     def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config_dict=None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.pending: list[str] = []
+        self.retries: list = []
+        self.write_failing = False
         self.wandb_run = None
         if enabled and wandb_cfg is not None and wandb_cfg.wandb:
             self.wandb_run = _start_wandb(run_dir, wandb_cfg.wandb_project, config_dict)
 
     def truncate_after(self, step: int) -> None:
         """After a resume from `step`, drop lines the crashed run logged past it, so the file
-        holds one line per step of the continued run."""
+        holds one line per step of the continued run. Cutting off the end needs no free space."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
+        text = self.path.read_text()
+        kept = "".join(
+            line + "\n" for line in text.splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        )
+        try:
+            if text.startswith(kept):
+                os.truncate(self.path, len(kept.encode()))
+            else:
+                self.path.write_text(kept)
+        except OSError as err:
+            print(f"warning: cannot rewrite {self.path} ({err.strerror or err})",
+                  file=sys.stderr, flush=True)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(_flatten(record), step=record["step"])
         print(format_line(record), file=sys.stdout, flush=True)
+
+    def _append(self, line: str) -> None:
+        """A full disk must not stop training: a failed write is a warning and the lines are
+        written with the next one that succeeds (at most MAX_PENDING_LINES kept)."""
+        self.pending.append(line)
+        del self.pending[:-MAX_PENDING_LINES]
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write("".join(self.pending))
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no torn line: they are all written again later
+            if not self.write_failing:
+                print(f"warning: cannot write {self.path} ({err.strerror or err}); training "
+                      "goes on, the lines are written when the disk has room",
+                      file=sys.stderr, flush=True)
+            self.write_failing = True
+            return
+        self.pending.clear()
+        self.write_failing = False
+        self._retry_writes()
+
+    def retry_later(self, write) -> None:
+        """Call `write()` again after the next metrics line that reaches the disk, until it
+        succeeds (config.yaml when the disk was full at the start)."""
+        self.retries.append(write)
+
+    def _retry_writes(self) -> None:
+        waiting, self.retries = self.retries, []
+        for write in waiting:
+            try:
+                write()
+            except OSError:
+                self.retries.append(write)
 
     def close(self) -> None:
         if self.wandb_run is not None:

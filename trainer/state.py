@@ -18,6 +18,7 @@ from checkpointing import (
     optimizer_tensors,
     resolve_checkpoint,
 )
+from checkpointing.commit import is_checkpoint_dir
 from trainer.config_loader import to_yaml
 from trainer.distributed import rng_state, seed_rng, set_rng_state
 from trainer.model.moe import expert_layouts
@@ -92,14 +93,23 @@ class TrainState:
     def save_final(self) -> None:
         self.snapshots.finish()
         if self.step != self.last_saved_step:
-            self.save()
+            self.save(final=True)
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """A failed save (disk full) is a warning, not the end of training; the final one
+        raises (the caller's work would be lost)."""
         if self.manager is None:
             return
         tensors, optim_json = self.tensors()
         rank_state = {"rng": rng_state(self.trainer.dist.device)}
-        self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
+        try:
+            self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
+        except (OSError, RuntimeError) as err:
+            if final:
+                raise
+            self._say(f"warning: checkpoint of step {self.step} failed ({err}); training goes "
+                      f"on, the disk is at step {max(self.last_saved_step, 0)}")
+            return
         self.last_saved_step = self.step
 
     # -- mid-run growth (trainer/growth/midrun.py) -------------------------------------------
@@ -137,9 +147,13 @@ class TrainState:
 
     def _warm_start(self, source: str) -> None:
         init = self.cfg.init
-        path = resolve_checkpoint(source)
+        path = resolve_checkpoint(source)  # a clear error when there is none
+        if not is_checkpoint_dir(Path(source)):
+            path = Path(source)  # a run dir or root: its newest intact checkpoint
         tensors, _ = self.tensors(with_optimizer=init.load_optimizer)
         result = self.manager_for(path).load(path, tensors)
+        self._report_skipped(result.skipped)
+        path = result.path
         self._apply(result, tensors, full=False)
         saved = result.global_state
         if init.load_schedule:

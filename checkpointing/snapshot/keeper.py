@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import os
 import queue
+import shutil
 import signal
 import socketserver
 import sys
@@ -23,13 +25,14 @@ from typing import Any
 
 from checkpointing.commit import committed_dirs, prune
 from checkpointing.snapshot import faults
-from checkpointing.snapshot.persist import commit_when_complete, write_node_part
+from checkpointing.snapshot.persist import commit_when_complete, temp_dir_for, write_node_part
 from checkpointing.snapshot.protocol import receive, send
 from checkpointing.snapshot.replica import PeerLink, fetch_from_peer, serve_fetch, store_replica
 from checkpointing.snapshot.slots import SlotLayout, box_checksums, write_json_atomically
 from checkpointing.snapshot.store import SlotStore
 
 COMMIT_TIMEOUT_S = 120.0
+KEEPER_PID_FILE = "keeper.pid"
 SHUTDOWN_COMMIT_TIMEOUT_S = 15.0
 
 
@@ -38,16 +41,18 @@ class Keeper:
         self.args = args
         self.shm_root = Path(args.shm_root)
         self.node_dir = self.shm_root / f"node{args.node_index}"
-        self.store = SlotStore(self.shm_root, self.node_dir)
+        self.store = SlotStore(self.shm_root, self.node_dir, args.run_id)
         self.replica_stores: dict[int, SlotStore] = {}
         # Two workers: a snapshot counts once checksummed, so checksums never queue behind a
         # persist (which may wait minutes on a slow disk or on other nodes' parts).
         self.tasks: queue.Queue = queue.Queue()
         self.persists: queue.Queue = queue.Queue()
-        self.status: dict[str, Any] = {"node": args.node_index, "persisted_step": None,
+        self.root = Path(args.checkpoint_dir)
+        on_disk = committed_dirs(self.root)
+        self.status: dict[str, Any] = {"node": args.node_index,
+                                       "persisted_step": on_disk[0][0] if on_disk else None,
                                        "persist_error": None, "persist_failures": 0}
         self.peer = PeerLink(args.peer, self.log) if args.peer else None
-        self.root = Path(args.checkpoint_dir)
         self.pending_persist: set[int] = set()
 
     def log(self, message: str) -> None:
@@ -98,7 +103,7 @@ class Keeper:
     def _replica_store(self, node: int) -> SlotStore:
         if node not in self.replica_stores:
             directory = self.node_dir / f"replica-node{node}"
-            self.replica_stores[node] = SlotStore(self.shm_root, directory)
+            self.replica_stores[node] = SlotStore(self.shm_root, directory, self.args.run_id)
         return self.replica_stores[node]
 
     # -- background work (two threads, each in order) ------------------------------------
@@ -155,6 +160,8 @@ class Keeper:
                 prune(self.root, self.args.keep)  # housekeeping after the commit, not before
                 self.log(f"persisted step {step} to {self.root}")
         except (OSError, TimeoutError, AssertionError) as err:
+            # At once: a full disk must get its space back for the next persist to succeed.
+            shutil.rmtree(temp_dir_for(self.root, step), ignore_errors=True)
             self.status.update(persist_error=f"persist of step {step} failed: {err}")
             self.status["persist_failures"] += 1
             self.log(f"persist of step {step} failed: {err}; training goes on in memory")
@@ -231,11 +238,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--local-ranks", type=int, required=True)
     p.add_argument("--checkpoint-dir", required=True)
     p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--run-id", default="", help="the run whose slots this keeper holds")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     keeper = Keeper(parse_args(sys.argv[1:] if argv is None else argv))
+    (keeper.node_dir / KEEPER_PID_FILE).write_text(str(os.getpid()))  # "in use" for launchers
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -91,6 +91,10 @@ class Snapshots:
         return LoadResult(Path(f"memory:{self.engine.shm_root}"), memory.step,
                           memory.global_state, memory.rank_states)
 
+    def unusable(self) -> list[str]:
+        """Memory snapshots the restore found but could not use."""
+        return self.engine.restore_skipped if self.engine is not None else []
+
     def after_step(self) -> bool:
         """Snapshot when due. True when the keeper persists (the trainer skips its own save)."""
         self._stop_if_preempted()

@@ -7,10 +7,14 @@ the schedule's parameters, the data stream's global cursor, per-rank RNG states 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from checkpointing import (
+    CheckpointDamaged,
     CheckpointManager,
     apply_model_tensors,
     apply_optimizer_tensors,
@@ -22,6 +26,7 @@ from checkpointing.commit import is_checkpoint_dir
 from trainer.config_loader import to_yaml
 from trainer.distributed import rng_state, seed_rng, set_rng_state
 from trainer.model.moe import expert_layouts
+from trainer.run_lock import ENV_FRESH
 from trainer.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -134,7 +139,7 @@ class TrainState:
         init.from; else start fresh. Returns the step training continues from."""
         if self.manager is not None:
             tensors, _ = self.tensors()
-            result = self.snapshots.restore(tensors) or self.manager.load_latest(tensors)
+            result = self._resume(tensors)
             if result is not None:
                 self._report_skipped(result.skipped)
                 self._apply(result, tensors, full=True)
@@ -144,6 +149,26 @@ class TrainState:
             self._warm_start(self.cfg.init.from_)
         seed_rng(self.cfg.train.seed, self.trainer.dist.rank, 0)
         return 0
+
+    def _resume(self, tensors: dict):
+        """The newest usable state of this run (memory or disk). State that is there but cannot
+        be used stops the run, never a silent start from step 0, unless `--fresh` says so."""
+        fresh = os.environ.get(ENV_FRESH) == "1"
+        initial = {k: _local(v).clone() for k, v in tensors.items()} if fresh else {}
+        try:
+            result = self.snapshots.restore(tensors) or self.manager.load_latest(tensors)
+            problems = self.snapshots.unusable() if result is None else []
+        except CheckpointDamaged as err:
+            result, problems = None, [str(err)]
+        if not problems:
+            return result
+        if not fresh:
+            raise ValueError(f"nothing usable to resume {self.cfg.run.dir} from: "
+                             f"{'; '.join(problems)}; pass --fresh to start from scratch")
+        self._say(f"--fresh: starting from scratch ({'; '.join(problems)})")
+        for name, value in initial.items():  # a failed read may have filled some of them
+            _local(tensors[name]).copy_(value)
+        return None
 
     def _warm_start(self, source: str) -> None:
         init = self.cfg.init
@@ -204,3 +229,7 @@ class TrainState:
 
     def _say(self, message: str) -> None:
         self.trainer._say_main(message)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    return value.to_local() if hasattr(value, "to_local") else value

@@ -70,6 +70,8 @@ class SnapshotEngine:
         """Snapshots that found no free slot within SLOT_WAIT_S (each also warned about)."""
         self.slot_wait_s = 0.0
         """Time spent waiting for a free slot (the keeper's work falling behind)."""
+        self.restore_skipped: list[str] = []
+        """Memory snapshots the last restore found unusable (named, and skipped)."""
         self.disabled: str | None = None
         """Why the memory tier turned itself off (it could not set up its slots), if it did."""
 
@@ -236,8 +238,9 @@ class SnapshotEngine:
             local = []
         local = [m for m in local if m.get("run_id", "") == self.run_id]  # never another run's
         own_dir = f"node{self.node_index}"
+        self.restore_skipped = []
         return restore_from_memory(local, self.shm_root, own_dir, tensors, newer_than, self.group,
-                                   self.layouts)
+                                   self.layouts, self.restore_skipped)
 
     def drain(self) -> dict[str, Any]:
         """Wait until the keeper has checksummed, replicated and persisted what it has."""

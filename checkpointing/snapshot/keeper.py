@@ -43,10 +43,11 @@ class Keeper:
         self.node_dir = self.shm_root / f"node{args.node_index}"
         self.store = SlotStore(self.shm_root, self.node_dir, args.run_id)
         self.replica_stores: dict[int, SlotStore] = {}
-        # Two workers: a snapshot counts once checksummed, so checksums never queue behind a
-        # persist (which may wait minutes on a slow disk or on other nodes' parts).
+        # Three workers: a snapshot counts once checksummed, so checksums never queue behind a
+        # persist (which may wait minutes on a slow disk or on other nodes' parts) or a replica.
         self.tasks: queue.Queue = queue.Queue()
         self.persists: queue.Queue = queue.Queue()
+        self.replicas: queue.Queue = queue.Queue()  # a slow or dead peer delays nothing else
         self.root = Path(args.checkpoint_dir)
         on_disk = committed_dirs(self.root)
         self.status: dict[str, Any] = {"node": args.node_index,
@@ -118,8 +119,9 @@ class Keeper:
                 tasks.task_done()
 
     def join_background_work(self) -> None:
-        self.tasks.join()  # checksums first: they may queue persists
+        self.tasks.join()  # checksums first: they may queue persists and replicas
         self.persists.join()
+        self.replicas.join()
 
     def _checksum(self, rank: int, slot: int) -> None:
         try:
@@ -130,14 +132,21 @@ class Keeper:
                     crcs = box_checksums(memoryview(data), layout, manifest["block_size"])
             manifest = {**manifest, "state": "complete", "crc32": crcs}
             self.store.set_manifest(rank, slot, manifest)
-            if self.peer is not None:
-                self.peer.send_replica(self.args.node_index, manifest, layout,
-                                       self.store.path(rank, slot))
+            if self.peer is not None:  # pinned until sent
+                self.store.pin(rank, slot, +1)
+                self.replicas.put((self._replicate, rank, slot, manifest))
         finally:
             self.store.pin(rank, slot, -1)
         step = manifest["step"]
         if manifest["persist"] and len(self.store.complete_ranks_at(step)) == self.args.local_ranks:
             self.queue_persist(step, COMMIT_TIMEOUT_S)
+
+    def _replicate(self, rank: int, slot: int, manifest: dict[str, Any]) -> None:
+        try:
+            self.peer.send_replica(self.args.node_index, manifest, self.store.layouts[rank],
+                                   self.store.path(rank, slot))
+        finally:
+            self.store.pin(rank, slot, -1)
 
     def queue_persist(self, step: int, timeout_s: float) -> None:
         """Pin the step's slots now, so no newer snapshot reuses them while the persist waits."""
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     keeper.restore_from_peer()
     server = _Server((keeper.args.bind, keeper.args.port), _Handler)
     server.keeper = keeper  # type: ignore[attr-defined]
-    for tasks in (keeper.tasks, keeper.persists):
+    for tasks in (keeper.tasks, keeper.persists, keeper.replicas):
         threading.Thread(target=keeper.work, args=(tasks,), daemon=True).start()
     keeper.finish_adopted_work()  # pins what it persists before any worker may reuse a slot
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -86,8 +86,10 @@ def restore_from_memory(
     newer_than: int,
     group: dist.ProcessGroup | None = None,
     layouts: Sequence[Layout] = (),
+    skipped: list[str] | None = None,
 ) -> MemoryRestore | None:
-    """Collective: fill `tensors` from the newest memory snapshot newer than `newer_than`."""
+    """Collective: fill `tensors` from the newest usable memory snapshot newer than
+    `newer_than`; each one found unusable is named (and appended to `skipped`)."""
     gathered = collectives.all_gather_strings(json.dumps(local_manifests), group)
     manifests = [m for text in gathered for m in json.loads(text)]
     for step in complete_steps(manifests, newer_than):  # the same list on every rank
@@ -102,6 +104,8 @@ def restore_from_memory(
             )
         if collectives.rank(group) == 0:
             print(f"skipping memory snapshot {step}: {problem}", file=sys.stderr, flush=True)
+        if skipped is not None:
+            skipped.append(f"memory snapshot {step}: {problem}")
     return None
 
 

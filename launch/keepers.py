@@ -47,13 +47,13 @@ def remove_other_runs_memory(run_dir: str | os.PathLike, run_id: str) -> list[Pa
     removed = []
     mine = shm_root_for(run_dir, run_id)
     for path in sorted(SHM_BASE.glob(f"{job_id(str(run_dir))}*")) if SHM_BASE.is_dir() else []:
-        if path != mine and path.is_dir() and not _keeper_alive(path):
+        if path != mine and path.is_dir() and not keeper_alive(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
 
-def _keeper_alive(shm_root: Path) -> bool:
+def keeper_alive(shm_root: Path) -> bool:
     for pid_file in shm_root.glob(f"node*/{KEEPER_PID_FILE}"):
         try:
             os.kill(int(pid_file.read_text()), 0)

@@ -189,22 +189,17 @@ def replace_once(path: Path, old: bytes, new: bytes) -> None:
     path.write_bytes(data.replace(old, new, 1))
 
 
-def test_flipped_bit_in_state_json(tmp_path, capsys):
-    # "step": 2 -> 3 in global_state is one bit: valid JSON, wrong content (issue 18 #6)
+@pytest.mark.parametrize("name,old,new", [
+    # one bit each: valid JSON, wrong content (issue 18 #6)
+    ("state.json", b'"global_state": {\n  "step": 2', b'"global_state": {\n  "step": 3'),
+    ("index.json", b'"world_size": 1', b'"world_size": 3'),
+])
+def test_flipped_bit_in_metadata(tmp_path, capsys, name, old, new):
     mgr = save_two(tmp_path)
-    replace_once(tmp_path / "step-00000002" / "state.json", b'"global_state": {\n  "step": 2',
-                 b'"global_state": {\n  "step": 3')
-    assert_falls_back(mgr, "state.json", "checksum mismatch")
+    replace_once(tmp_path / "step-00000002" / name, old, new)
+    assert_falls_back(mgr, name, "checksum mismatch")
     assert ckpt(["verify", str(tmp_path)]) == 1
-    assert "state.json: checksum mismatch" in capsys.readouterr().out
-
-
-def test_flipped_bit_in_index_json(tmp_path, capsys):
-    mgr = save_two(tmp_path)
-    replace_once(tmp_path / "step-00000002" / "index.json", b'"world_size": 1', b'"world_size": 3')
-    assert_falls_back(mgr, "index.json", "checksum mismatch")
-    assert ckpt(["verify", str(tmp_path)]) == 1
-    assert "index.json: checksum mismatch" in capsys.readouterr().out
+    assert f"{name}: checksum mismatch" in capsys.readouterr().out
 
 
 def test_flipped_byte_in_safetensors_header_fails_load_and_verify_alike(tmp_path, capsys):

@@ -244,3 +244,19 @@ def test_format_v1_checkpoints_without_metadata_checksums_still_load(tmp_path, c
     result = mgr.load_latest(loaded)
     assert result.step == 2 and not result.skipped
     assert ckpt(["verify", str(tmp_path)]) == 0
+
+
+def test_failed_save_on_a_full_disk_removes_its_temp_dir(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        mgr = CheckpointManager(disk / "ckpt")
+        with pytest.raises((OSError, RuntimeError), match="No space left"):
+            mgr.save(1, {"model.w": torch.randn(512, 1024)})  # 2 MiB on a 1 MiB disk
+        assert not [p.name for p in (disk / "ckpt").iterdir()], "the temp dir holds the space"
+        mgr.save(2, tensors_for(2))  # the space is back
+        assert [c.step for c in find_loadable(disk / "ckpt")] == [2]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

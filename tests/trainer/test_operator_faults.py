@@ -143,6 +143,19 @@ def test_full_disk_training_goes_on_and_persisting_resumes(tmp_path, data_cache,
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 13))
 
 
+def test_full_disk_without_the_memory_tier_training_goes_on(tmp_path, data_cache, small_disk):
+    run_dir = small_disk / "run"
+    run = Run(run_dir, data_cache, *IN_PROCESS, "checkpoint.interval=0", "train.max_steps=40",
+              "schedule.total_steps=40", "checkpoint.persist_interval=4")
+    run.wait_for_step(1)
+    fill(small_disk / "filler")
+    run.wait_for(r"warning: checkpoint of step \d+ failed .*No space left")
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "temp dirs hold the space"
+    (small_disk / "filler").unlink()
+    run.finish()
+    assert (run_dir / "checkpoints" / "step-00000040").is_dir()
+
+
 def complete_slot(node: Path, step: int, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

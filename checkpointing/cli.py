@@ -57,12 +57,13 @@ def main(argv: list[str]) -> int:
 
 
 def _verify(checkpoint: Path) -> int:
-    problems = verify(checkpoint)
-    for problem in problems:
-        print(f"BAD {checkpoint}: {problem}")
-    if problems:
+    report = verify(checkpoint)
+    if report.damage:
+        print(f"BAD {checkpoint}:")
+        print("\n".join(report.summary()))
         return 1
-    print(f"OK {checkpoint}: every shard present, every checksum matches")
+    print(f"OK {checkpoint}: index.json, state.json, {report.files} shard file(s) and "
+          f"{report.boxes} tensor shard(s) match their checksums")
     return 0
 
 

@@ -115,20 +115,41 @@ def committed_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def structural_problem(checkpoint: Path) -> str | None:
-    """A cheap check without reading tensor data: index and state parse, files have their sizes."""
-    try:
-        index = read_index(checkpoint)
-        read_json(checkpoint / STATE_FILE)
-    except CheckpointDamaged as err:
-        return str(err)
+    """A cheap check without reading tensor data: the first of `metadata_problems`."""
+    problems = metadata_problems(checkpoint)
+    return problems[0] if problems else None
+
+
+def metadata_problems(checkpoint: Path) -> list[str]:
+    """The check every reader shares (loads, `init.from`, `ckpt verify`): index.json and
+    state.json parse and match their checksums and each other, every shard file has its size.
+    Shard headers and tensor blocks are checked where they are read (reading.ShardFiles)."""
+    problems: list[str] = []
+    index = _parsed(read_index, checkpoint, problems)
+    state = _parsed(read_json, checkpoint / STATE_FILE, problems)
+    if index is None:
+        return problems
+    if state is not None and state.get("step") != index.step:
+        problems.append(f"{STATE_FILE} is for step {state.get('step')!r}, {INDEX_FILE} for "
+                        f"step {index.step}")
     for name, info in sorted(index.files.items()):
         path = checkpoint / name
         if not path.is_file():
-            return f"{name} is missing"
+            problems.append(f"{name} is missing")
+            continue
         size = path.stat().st_size
         if size != info["size"]:
-            return f"{name} has {size} bytes, the index expects {info['size']} (truncated?)"
-    return None
+            problems.append(f"{name} has {size} bytes, the index expects {info['size']} "
+                            "(truncated?)")
+    return problems
+
+
+def _parsed(read, path: Path, problems: list[str]):
+    try:
+        return read(path)
+    except CheckpointDamaged as err:
+        problems.append(str(err))
+        return None
 
 
 def find_loadable(checkpoint_dir: str | os.PathLike) -> list[Candidate]:

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""v2: index.json and state.json carry a checksum of their own content (METADATA_CRC_KEY)."""
+READABLE_FORMAT_VERSIONS = (1, 2)
+METADATA_CRC_KEY = "metadata_crc32"
 INDEX_FILE = "index.json"
 STATE_FILE = "state.json"
 LATEST_FILE = "latest"
@@ -173,7 +176,7 @@ class CheckpointIndex:
     @staticmethod
     def from_json(obj: dict[str, Any]) -> CheckpointIndex:
         version = obj.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"unsupported checkpoint format version {version!r}")
         if obj.get("checksum") != CHECKSUM_ALGORITHM:
             raise ValueError(f"unsupported checksum algorithm {obj.get('checksum')!r}")
@@ -206,15 +209,57 @@ def read_index(checkpoint: Path) -> CheckpointIndex:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file, its checksum verified (and removed from the object)."""
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as err:
         raise CheckpointDamaged(f"{path.name} is missing") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointDamaged(f"{path.name} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise CheckpointDamaged(f"{path.name} cannot be read: {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointDamaged(f"{path.name} does not hold a JSON object")
+    problem = metadata_crc_problem(obj)
+    if problem:
+        raise CheckpointDamaged(f"{path.name}: {problem}")
+    obj.pop(METADATA_CRC_KEY, None)
     return obj
+
+
+def metadata_crc(obj: dict[str, Any]) -> int:
+    """crc32 of the object's canonical JSON (sorted keys, compact), without the checksum key:
+    Python's JSON round-trips every value exactly, so a reader recomputes the same bytes."""
+    content = {k: v for k, v in obj.items() if k != METADATA_CRC_KEY}
+    return zlib.crc32(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
+
+
+def metadata_crc_problem(obj: dict[str, Any]) -> str | None:
+    """Why a parsed JSON object fails its checksum; None when intact (or written before v2)."""
+    if METADATA_CRC_KEY not in obj:
+        version = obj.get("format_version")
+        if isinstance(version, int) and version < 2:
+            return None
+        return f"no {METADATA_CRC_KEY} (damaged, or not written by Perennial)"
+    if obj[METADATA_CRC_KEY] != metadata_crc(obj):
+        return "checksum mismatch (damaged metadata)"
+    return None
+
+
+def with_metadata_crc(obj: dict[str, Any]) -> dict[str, Any]:
+    return {**obj, METADATA_CRC_KEY: metadata_crc(obj)}
+
+
+def header_problem(fd: int, expected_crc: int | None) -> str | None:
+    """Why the safetensors header of an open shard file does not match its checksum, if so."""
+    if expected_crc is None:
+        return None
+    prefix = os.pread(fd, 8, 0)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    header = prefix + os.pread(fd, min(length, 100 << 20), 8)
+    if len(header) < 8 or zlib.crc32(header) != expected_crc:
+        return "checksum mismatch in the safetensors header"
+    return None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -224,8 +269,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_json_durably(path: Path, obj: dict[str, Any]) -> None:
+    """A checkpoint's index.json or state.json, with its checksum (read_json checks it)."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(with_metadata_crc(obj), f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from checkpointing.commit import metadata_problems
 from checkpointing.format import (
     FORMAT_VERSION,
     CheckpointDamaged,
-    block_checksums,
     read_index,
     safetensors_header,
     tensor_bytes,
@@ -59,29 +60,65 @@ def format_description(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verify(checkpoint: Path) -> list[str]:
-    """Every problem found reading every byte; an empty list means the checkpoint is intact."""
+MAX_NAMES_SHOWN = 5
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: damage grouped by the file it is in (index.json, a shard, ...)."""
+
+    checkpoint: Path
+    files: int = 0
+    boxes: int = 0
+    damaged_boxes: int = 0
+    damage: dict[str, list[str]] = field(default_factory=dict)
+    tensors: dict[str, set[str]] = field(default_factory=dict)
+    """Damaged tensors by file."""
+
+    def add(self, problem: str, tensor: str | None = None) -> None:
+        file = problem.split(":", 1)[0].split(" ", 1)[0]  # every problem names its file first
+        self.damage.setdefault(file, []).append(problem)
+        if tensor is not None:
+            self.tensors.setdefault(file, set()).add(tensor)
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for found in self.damage.values() for p in found]
+
+    def summary(self) -> list[str]:
+        """One line per damaged file (its first problem and how many more), then the counts."""
+        lines = []
+        for file, found in sorted(self.damage.items()):
+            names = sorted(self.tensors.get(file, ()))
+            shown = ", ".join(repr(n) for n in names[:MAX_NAMES_SHOWN])
+            if len(names) > MAX_NAMES_SHOWN:
+                shown += f" and {len(names) - MAX_NAMES_SHOWN} more"
+            lines.append(f"  {found[0]}" + (f"; damaged tensors: {shown}" if names else ""))
+        lines.append(f"{len(self.damage)} damaged file(s); {self.damaged_boxes} of {self.boxes} "
+                     f"tensor shard(s) in {self.files} file(s) unreadable")
+        return lines
+
+
+def verify(checkpoint: Path) -> VerifyReport:
+    """Read every byte with the loader's own checks (metadata_problems, then ShardFiles)."""
+    report = VerifyReport(checkpoint)
+    for problem in metadata_problems(checkpoint):
+        report.add(problem)
     try:
         index = read_index(checkpoint)
-    except CheckpointDamaged as err:
-        return [str(err)]
-    problems = []
-    for name, info in sorted(index.files.items()):
-        path = checkpoint / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != info["size"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, expected {info['size']}")
-        elif not _header_intact(path, info["header_crc32"]):
-            problems.append(f"{name}: safetensors header does not match its checksum")
+    except CheckpointDamaged:
+        return report
+    report.files = len(index.files)
     with ShardFiles(checkpoint, index) as files:
         for name, saved in sorted(index.tensors.items()):
             for box in saved.boxes:
+                report.boxes += 1
                 try:
                     files.read_box(name, box)
                 except CheckpointDamaged as err:
-                    problems.append(str(err))
-    return problems
+                    report.damaged_boxes += 1
+                    report.add(str(err), name)
+    return report
 
 
 def export_safetensors(checkpoint: Path, out: Path, prefix: str = MODEL_PREFIX) -> int:
@@ -111,11 +148,3 @@ def export_safetensors(checkpoint: Path, out: Path, prefix: str = MODEL_PREFIX) 
         raise
     os.replace(temp, out)
     return len(names)
-
-
-def _header_intact(path: Path, expected_crc: int) -> bool:
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        f.seek(0)
-        header = f.read(8 + length)
-    return block_checksums(header, max(len(header), 1))[0] == expected_crc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpointing import collectives
 from checkpointing.commit import (
@@ -120,9 +122,18 @@ class CheckpointManager:
         }
         writer = SafetensorsShardWriter(temp_dir, step, self.block_size, layout_records, state)
         # Returns on every rank only after all shards are fsynced and index.json is written.
-        with self._dcp_quiet():
-            dcp.save(logical, storage_writer=writer, planner=ShardViewSavePlanner(), **self._dcp())
-        return self._commit(temp_dir, step)
+        try:
+            with self._dcp_quiet():
+                dcp.save(logical, storage_writer=writer, planner=ShardViewSavePlanner(),
+                         **self._dcp())
+            return self._commit(temp_dir, step)
+        except (Exception, CheckpointException) as err:
+            if collectives.rank(self.group) == 0:  # at once: a full disk needs the space back
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            if isinstance(err, CheckpointException):  # DCP's wrapper of every rank's error
+                rank, cause = sorted(err.failures.items())[0]
+                raise RuntimeError(f"saving step {step} failed on rank {rank}: {cause}") from None
+            raise
 
     def _commit(self, temp_dir: Path, step: int) -> Path:
         problem = None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from checkpointing.format import CheckpointDamaged, CheckpointIndex, SavedBox
+from checkpointing.format import CheckpointDamaged, CheckpointIndex, SavedBox, header_problem
 
 _MAX_PREAD = 1 << 30
 
@@ -88,10 +88,20 @@ class ShardFiles:
                 )
         return torch.frombuffer(data, dtype=torch.uint8)[start - lo : stop - lo]
 
+    def _open_checked(self, file: str) -> int:
+        """Open a shard file after checking its safetensors header (one check for every reader:
+        loads, memory restores and `ckpt verify`)."""
+        fd = os.open(self.directory / file, os.O_RDONLY)
+        problem = header_problem(fd, self.index.files.get(file, {}).get("header_crc32"))
+        if problem:
+            os.close(fd)
+            raise CheckpointDamaged(f"{file}: {problem}")
+        return fd
+
     def _pread(self, file: str, size: int, offset: int, name: str) -> bytearray:
         try:
             if file not in self._fds:
-                self._fds[file] = os.open(self.directory / file, os.O_RDONLY)
+                self._fds[file] = self._open_checked(file)
             data = bytearray(size)
             view, done = memoryview(data), 0
             while done < size:

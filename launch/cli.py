@@ -13,6 +13,7 @@ commands:
   ckpt {inspect,verify,export} PATH ...
   schedule [CONFIG] [key=value ...] [--plot OUT.png]
   slurm [CONFIG] [key=value ...] --nodes N --gpus-per-node G [--submit]
+  clean RUN_DIR    free the memory snapshots a killed run left in /dev/shm
 """
 
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             from launch.slurm import slurm_command
 
             return slurm_command(rest)
+        if command == "clean":
+            from launch.clean_command import clean_command
+
+            return clean_command(rest)
         if command == "grow":
             from launch.grow_command import grow_command
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,23 +20,56 @@ import threading
 import time
 from pathlib import Path
 
+from checkpointing.snapshot.keeper import KEEPER_PID_FILE
 from trainer.distributed import free_port
+from trainer.lifetime import preexec_die_with
+from trainer.run_identity import read_run_id
 
-SHM_BASE = Path("/dev/shm/perennial")
+SHM_BASE = Path(os.environ.get("PERENNIAL_SHM_BASE", "/dev/shm/perennial"))
 STOP_TIMEOUT_S = 60.0
 
 
 def job_id(run_dir: str) -> str:
-    """Stable across restarts and requeues of the same run."""
+    """Stable across restarts and requeues of the same run directory path."""
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
 
 
+def shm_root_for(run_dir: str | os.PathLike, run_id: str | None = None) -> Path:
+    """The memory tier's location: the run directory's path and its run id, so a directory
+    deleted and recreated (a new run id) never finds the old run's memory."""
+    run_id = run_id or read_run_id(run_dir) or "none"
+    return SHM_BASE / f"{job_id(str(run_dir))}-{run_id}"
+
+
+def remove_other_runs_memory(run_dir: str | os.PathLike, run_id: str) -> list[Path]:
+    """Delete memory that earlier runs in this directory path left after a whole-job kill
+    (another run id, no live keeper). Returns what was removed."""
+    removed = []
+    mine = shm_root_for(run_dir, run_id)
+    for path in sorted(SHM_BASE.glob(f"{job_id(str(run_dir))}*")) if SHM_BASE.is_dir() else []:
+        if path != mine and path.is_dir() and not keeper_alive(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def keeper_alive(shm_root: Path) -> bool:
+    for pid_file in shm_root.glob(f"node*/{KEEPER_PID_FILE}"):
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 class KeeperGroup:
-    def __init__(self, cfg, nproc: int, flags) -> None:
+    def __init__(self, cfg, nproc: int, flags, run_id: str) -> None:
         simulated = flags.simulated_nodes
         if simulated < 1 or nproc % simulated:
             raise ValueError(f"--simulated-nodes {simulated} must divide --nproc {nproc}")
-        self.shm_root = SHM_BASE / job_id(cfg.run.dir)
+        self.run_id = run_id
+        self.shm_root = shm_root_for(cfg.run.dir, run_id)
         self.node_index = flags.node_rank
         num_nodes = max(simulated, int(flags.nnodes.split(":")[0]))
         if simulated == 1 and flags.keeper_port:
@@ -51,7 +86,7 @@ class KeeperGroup:
                    "--shm-root", str(self.shm_root), "--node-index", str(self.node_index + i),
                    "--num-nodes", str(num_nodes), "--port", str(port),
                    "--local-ranks", str(nproc // simulated), "--checkpoint-dir",
-                   cfg.checkpoint.dir, "--keep", str(cfg.checkpoint.keep)]
+                   cfg.checkpoint.dir, "--keep", str(cfg.checkpoint.keep), "--run-id", run_id]
             if cfg.checkpoint.replicas and peer:
                 cmd += ["--peer", peer]
             cmd += ["--bind", "0.0.0.0" if cross_node else "127.0.0.1"]
@@ -65,10 +100,16 @@ class KeeperGroup:
             "PERENNIAL_SHM_ROOT": str(self.shm_root),
             "PERENNIAL_KEEPERS": ",".join(f"127.0.0.1:{p}" for p in self.ports),
             "PERENNIAL_NODE_INDEX": str(self.node_index),
+            "PERENNIAL_RUN_ID": self.run_id,
         }
 
+    def _spawn(self, index: int) -> subprocess.Popen:
+        """A keeper that gets SIGTERM when this launcher dies (it persists, then frees memory)."""
+        return subprocess.Popen(self.commands[index],
+                                preexec_fn=preexec_die_with(os.getpid(), signal.SIGTERM))
+
     def start(self) -> None:
-        self.procs = [subprocess.Popen(cmd) for cmd in self.commands]
+        self.procs = [self._spawn(i) for i in range(len(self.commands))]
         for port in self.ports:
             _wait_listening(port)
         self._watcher = threading.Thread(target=self._restart_dead, daemon=True)
@@ -80,7 +121,7 @@ class KeeperGroup:
                 if proc.poll() is not None and not self._stopping.is_set():
                     print(f"keeper of node {self.node_index + i} exited ({proc.returncode}); "
                           "restarting it", file=sys.stderr, flush=True)
-                    self.procs[i] = subprocess.Popen(self.commands[i])
+                    self.procs[i] = self._spawn(i)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]

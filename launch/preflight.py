@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 from checkpointing.snapshot.slots import SLOTS_PER_RANK
-from launch.keepers import job_id
+from launch.keepers import shm_root_for
 from trainer.config_loader import validate_layout
 
 SHM_DIR = Path("/dev/shm")
@@ -97,14 +97,22 @@ def check_shm_space(cfg, nproc: int, world_size: int, shm_dir: Path = SHM_DIR) -
     """This node's snapshot slots (and its peer's replica) must fit in shared memory."""
     need = snapshot_bytes_per_node(cfg, nproc, world_size)
     stat = os.statvfs(shm_dir)
-    free = stat.f_bavail * stat.f_frsize + _bytes_under(shm_dir / "perennial" / job_id(cfg.run.dir))
+    free = stat.f_bavail * stat.f_frsize + _bytes_under(shm_root_for(cfg.run.dir))
     if need > free:
         raise ValueError(
-            f"{shm_dir} has {free / GIB:.2f} GiB free but checkpoint.interval="
-            f"{cfg.checkpoint.interval} needs at least {need / GIB:.2f} GiB for the memory "
+            f"{shm_dir} has {format_bytes(free)} free but checkpoint.interval="
+            f"{cfg.checkpoint.interval} needs at least {format_bytes(need)} for the memory "
             f"snapshots of {nproc} local rank(s); enlarge {shm_dir} (docker: --shm-size) or set "
             f"checkpoint.interval=0"
         )
+
+
+def format_bytes(count: int) -> str:
+    """GiB, MiB or KiB with three significant digits: never "0.00 GiB" for a small size."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} B"
 
 
 def snapshot_bytes_per_node(cfg, nproc: int, world_size: int) -> int:

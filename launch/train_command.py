@@ -7,11 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from launch.args import parse_job_args
-from launch.keepers import KeeperGroup
+from launch.keepers import KeeperGroup, remove_other_runs_memory
 from launch.preflight import preflight
 from trainer.config_loader import load_config, to_yaml, validate_layout
+from trainer.lifetime import preexec_die_with
+from trainer.run_identity import ensure_run_id
+from trainer.run_lock import ENV_FRESH, ENV_LOCK_HELD, lock_unless_held
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as trainer/snapshots.py exits
 
@@ -31,6 +35,9 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                              "'slurm': the next node of $SLURM_JOB_NODELIST at --keeper-port")
     parser.add_argument("--simulated-nodes", type=int, default=1,
                         help="run K keepers here, each owning nproc/K ranks (for tests)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start from scratch when the run's memory or disk state cannot be "
+                             "used (without it such a run stops and says why)")
 
 
 def train_command(argv: list[str]) -> int:
@@ -44,7 +51,24 @@ def train_command(argv: list[str]) -> int:
         print(to_yaml(cfg), end="")
         return 0
     preflight(cfg, flags.nproc, _min_nodes(flags.nnodes), flags.rdzv_endpoint)
-    keepers = KeeperGroup(cfg, flags.nproc, flags) if cfg.checkpoint.memory_snapshots() else None
+    lock = lock_unless_held(cfg.run.dir, is_rank0=flags.node_rank == 0)
+    os.environ[ENV_LOCK_HELD] = str(Path(cfg.run.dir).resolve())
+    if flags.fresh:
+        os.environ[ENV_FRESH] = "1"
+    try:
+        return _run_job(cfg, flags, args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_job(cfg, flags, args) -> int:
+    run_id = ensure_run_id(cfg.run.dir)
+    for path in remove_other_runs_memory(cfg.run.dir, run_id):
+        print(f"removed memory snapshots another run left in {cfg.run.dir} ({path})",
+              file=sys.stderr)
+    keepers = KeeperGroup(cfg, flags.nproc, flags, run_id) if cfg.checkpoint.memory_snapshots() \
+        else None
     if keepers is not None:
         keepers.start()
         os.environ.update(keepers.env())
@@ -89,7 +113,9 @@ TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 def _run_torchrun(flags, worker_argv: list[str]) -> int:
     env = {**os.environ, **TORCHRUN_ENV}
-    proc = subprocess.Popen(torchrun_command(flags, worker_argv), env=env)
+    # torchrun dies with this launcher, and its workers with it (trainer/lifetime.py).
+    proc = subprocess.Popen(torchrun_command(flags, worker_argv), env=env,
+                            preexec_fn=preexec_die_with(os.getpid(), signal.SIGKILL))
     # Slurm preemption: torchrun passes SIGTERM on to the workers, which save and exit 143;
     # torchrun itself then ends with a traceback and code 1, so the launcher answers 143.
     terminated = []

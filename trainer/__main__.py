@@ -14,6 +14,8 @@ import torch.distributed as dist
 from launch.args import one_line, parse_job_args
 from trainer.config_loader import load_config, validate_layout
 from trainer.distributed import exit_skipping_teardown
+from trainer.lifetime import die_with_torchrun
+from trainer.run_lock import lock_unless_held
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.train import Trainer
 
+    lock = None
     try:
+        lock = lock_unless_held(cfg.run.dir, is_rank0=os.environ.get("RANK", "0") == "0")
         Trainer(cfg).train()
         if dist.is_initialized():
             dist.barrier()  # no rank tears down its connections while a peer still uses them
@@ -37,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
     return 0
 
 
 if __name__ == "__main__":
+    die_with_torchrun()
     try:
         exit_code = main()
     except SystemExit as stop:  # preemption: state saved, exit 143 for a requeue

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -190,3 +192,17 @@ def save_config(cfg: JobConfig, run_dir: str | os.PathLike) -> Path:
     tmp.write_text(to_yaml(cfg))
     os.replace(tmp, path)
     return path
+
+
+def save_config_or_warn(cfg: JobConfig, run_dir: str | os.PathLike) -> bool:
+    """save_config, or a warning when the disk refuses (full): training needs no config.yaml
+    to go on, every checkpoint holds the config too. Returns whether it was written."""
+    try:
+        save_config(cfg, run_dir)
+        return True
+    except OSError as err:
+        print(f"warning: cannot write {Path(run_dir) / 'config.yaml'} ({err.strerror or err}); "
+              "training goes on and writes it when the disk has room", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            (Path(run_dir) / "config.yaml.tmp").unlink()
+        return False

@@ -6,7 +6,9 @@ fields are absent rather than made up.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,9 @@ class NvmlMemory:
         return self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**30
 
 
+MAX_PENDING_LINES = 100_000
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites stay unconditional."""
 
@@ -54,6 +59,9 @@ class MetricsLogger:
         self.enabled = enabled
         self.run_dir = run_dir
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.pending: list[str] = []
+        self.retries: list = []
+        self.write_failing = False
         self.wandb_run = None
         self.wandb_holds_through = 0
         if enabled and wandb_cfg is not None and wandb_cfg.wandb:
@@ -63,15 +71,25 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """After a resume from `step`, drop lines the crashed run logged past it, so the file
         holds one line per step of the continued run; W&B gets the steps up to `step` it lacks
-        (trainer/wandb_log.py)."""
+        (trainer/wandb_log.py). Cutting off the end needs no free space."""
         if not self.enabled:
             return
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = self.path.read_text() if self.path.exists() else ""
+        kept_lines = [line for line in text.splitlines()
+                      if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = "".join(line + "\n" for line in kept_lines)
+        try:
+            if text.startswith(kept):
+                if self.path.exists():
+                    os.truncate(self.path, len(kept.encode()))
+            else:
+                self.path.write_text(kept)
+        except OSError as err:
+            print(f"warning: cannot rewrite {self.path} ({err.strerror or err})",
+                  file=sys.stderr, flush=True)
         if self.wandb_run is not None:
             held = last_step_held(self.wandb_run, self.run_dir)
-            for record in map(json.loads, kept):
+            for record in map(json.loads, kept_lines):
                 if record["step"] > held:
                     self.wandb_run.log(flatten(record), step=record["step"])
             self.wandb_holds_through = max(held, step)
@@ -79,12 +97,46 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         if self.wandb_run is not None and record["step"] > self.wandb_holds_through:
             self.wandb_run.log(flatten(record), step=record["step"])
         print(format_line(record), file=sys.stdout, flush=True)
+
+    def _append(self, line: str) -> None:
+        """A full disk must not stop training: a failed write is a warning and the lines are
+        written with the next one that succeeds (at most MAX_PENDING_LINES kept)."""
+        self.pending.append(line)
+        del self.pending[:-MAX_PENDING_LINES]
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write("".join(self.pending))
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no torn line: they are all written again later
+            if not self.write_failing:
+                print(f"warning: cannot write {self.path} ({err.strerror or err}); training "
+                      "goes on, the lines are written when the disk has room",
+                      file=sys.stderr, flush=True)
+            self.write_failing = True
+            return
+        self.pending.clear()
+        self.write_failing = False
+        self._retry_writes()
+
+    def retry_later(self, write) -> None:
+        """Call `write()` again after the next metrics line that reaches the disk, until it
+        succeeds (config.yaml when the disk was full at the start)."""
+        self.retries.append(write)
+
+    def _retry_writes(self) -> None:
+        waiting, self.retries = self.retries, []
+        for write in waiting:
+            try:
+                write()
+            except OSError:
+                self.retries.append(write)
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -31,6 +31,7 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: state is saved, requeue the job
 ENV_SHM_ROOT = "PERENNIAL_SHM_ROOT"
 ENV_KEEPERS = "PERENNIAL_KEEPERS"
 ENV_NODE_INDEX = "PERENNIAL_NODE_INDEX"
+ENV_RUN_ID = "PERENNIAL_RUN_ID"
 
 
 class Preempted(SystemExit):
@@ -68,7 +69,8 @@ class Snapshots:
         position = local_rank * len(keepers) // local_world  # simulated nodes split the ranks
         node_index = int(os.environ.get(ENV_NODE_INDEX, 0)) + position
         return SnapshotEngine(keepers[position], os.environ[ENV_SHM_ROOT], node_index,
-                              layouts=self.state.layouts)
+                              layouts=self.state.layouts,
+                              run_id=os.environ.get(ENV_RUN_ID, ""))
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True
@@ -89,6 +91,10 @@ class Snapshots:
         return LoadResult(Path(f"memory:{self.engine.shm_root}"), memory.step,
                           memory.global_state, memory.rank_states)
 
+    def unusable(self) -> list[str]:
+        """Memory snapshots the restore found but could not use."""
+        return self.engine.restore_skipped if self.engine is not None else []
+
     def after_step(self) -> bool:
         """Snapshot when due. True when the keeper persists (the trainer skips its own save)."""
         self._stop_if_preempted()
@@ -101,6 +107,10 @@ class Snapshots:
             global_state = self.state.global_state(optim_json)
             rank_state = {"rng": rng_state(self.device)}
             self.engine.snapshot(step, tensors, global_state, rank_state, persist)
+            if self.engine.disabled:  # could not map its memory: disk checkpoints from now on
+                self.engine.close()
+                self.engine = None
+                return False
             self._report_persist_errors()
         rank = self.state.trainer.dist.rank
         faults.maybe_pause("step", step, f"rank {rank} after step {step}", rank)
@@ -146,13 +156,24 @@ class Snapshots:
         self.state.save_final()
         raise Preempted()
 
+    def counters(self) -> dict:
+        """For the step's metrics: snapshots skipped and time waited for a free slot."""
+        if self.engine is None:
+            return {}
+        return {"snapshots_skipped": self.engine.skipped,
+                "snapshot_wait_s": round(self.engine.slot_wait_s, 3)}
+
     def _report_persist_errors(self) -> None:
         status_file = Path(self.engine.shm_root) / f"node{self.engine.node_index}/status.json"
         try:
-            error = json.loads(status_file.read_text()).get("persist_error")
+            status = json.loads(status_file.read_text())
         except (OSError, ValueError):
             return
+        error, on_disk = status.get("persist_error"), status.get("persisted_step")
         if error and error != self.reported_error:
-            print(f"warning: {error}; training goes on with the memory tier", file=sys.stderr,
+            print(f"warning: {error}; training goes on with the memory tier (memory at step "
+                  f"{self.state.step}, disk at step {on_disk})", file=sys.stderr, flush=True)
+        elif not error and self.reported_error:
+            print(f"persisting to disk again: step {on_disk} is on disk", file=sys.stderr,
                   flush=True)
         self.reported_error = error

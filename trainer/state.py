@@ -7,10 +7,14 @@ the schedule's parameters, the data stream's global cursor, per-rank RNG states 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from checkpointing import (
+    CheckpointDamaged,
     CheckpointManager,
     apply_model_tensors,
     apply_optimizer_tensors,
@@ -18,10 +22,12 @@ from checkpointing import (
     optimizer_tensors,
     resolve_checkpoint,
 )
+from checkpointing.commit import is_checkpoint_dir
 from checkpointing.torch_dcp import is_dcp_dir, load_dcp_into, resolve_dcp
 from trainer.config_loader import to_yaml
 from trainer.distributed import rng_state, seed_rng, set_rng_state
 from trainer.model.moe import expert_layouts
+from trainer.run_lock import ENV_FRESH
 from trainer.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -93,14 +99,23 @@ class TrainState:
     def save_final(self) -> None:
         self.snapshots.finish()
         if self.step != self.last_saved_step:
-            self.save()
+            self.save(final=True)
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """A failed save (disk full) is a warning, not the end of training; the final one
+        raises (the caller's work would be lost)."""
         if self.manager is None:
             return
         tensors, optim_json = self.tensors()
         rank_state = {"rng": rng_state(self.trainer.dist.device)}
-        self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
+        try:
+            self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
+        except (OSError, RuntimeError) as err:
+            if final:
+                raise
+            self._say(f"warning: checkpoint of step {self.step} failed ({err}); training goes "
+                      f"on, the disk is at step {max(self.last_saved_step, 0)}")
+            return
         self.last_saved_step = self.step
 
     # -- mid-run growth (trainer/growth/midrun.py) -------------------------------------------
@@ -125,7 +140,7 @@ class TrainState:
         init.from; else start fresh. Returns the step training continues from."""
         if self.manager is not None:
             tensors, _ = self.tensors()
-            result = self.snapshots.restore(tensors) or self.manager.load_latest(tensors)
+            result = self._resume(tensors)
             if result is not None:
                 self._report_skipped(result.skipped)
                 self._apply(result, tensors, full=True)
@@ -136,13 +151,37 @@ class TrainState:
         seed_rng(self.cfg.train.seed, self.trainer.dist.rank, 0)
         return 0
 
+    def _resume(self, tensors: dict):
+        """The newest usable state of this run (memory or disk). State that is there but cannot
+        be used stops the run, never a silent start from step 0, unless `--fresh` says so."""
+        fresh = os.environ.get(ENV_FRESH) == "1"
+        initial = {k: _local(v).clone() for k, v in tensors.items()} if fresh else {}
+        try:
+            result = self.snapshots.restore(tensors) or self.manager.load_latest(tensors)
+            problems = self.snapshots.unusable() if result is None else []
+        except CheckpointDamaged as err:
+            result, problems = None, [str(err)]
+        if not problems:
+            return result
+        if not fresh:
+            raise ValueError(f"nothing usable to resume {self.cfg.run.dir} from: "
+                             f"{'; '.join(problems)}; pass --fresh to start from scratch")
+        self._say(f"--fresh: starting from scratch ({'; '.join(problems)})")
+        for name, value in initial.items():  # a failed read may have filled some of them
+            _local(tensors[name]).copy_(value)
+        return None
+
     def _warm_start(self, source: str) -> None:
         init = self.cfg.init
         if is_dcp_dir(source):
             return self._warm_start_dcp(source)
-        path = resolve_checkpoint(source)
+        path = resolve_checkpoint(source)  # a clear error when there is none
+        if not is_checkpoint_dir(Path(source)):
+            path = Path(source)  # a run dir or root: its newest intact checkpoint
         tensors, _ = self.tensors(with_optimizer=init.load_optimizer)
         result = self.manager_for(path).load(path, tensors)
+        self._report_skipped(result.skipped)
+        path = result.path
         self._apply(result, tensors, full=False)
         saved = result.global_state
         if init.load_schedule:
@@ -205,3 +244,7 @@ class TrainState:
 
     def _say(self, message: str) -> None:
         self.trainer._say_main(message)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    return value.to_local() if hasattr(value, "to_local") else value

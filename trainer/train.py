@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import JobConfig
-from trainer.config_loader import save_config, to_yaml, validate_layout
+from trainer.config_loader import save_config, save_config_or_warn, to_yaml, validate_layout
 from trainer.data import IGNORE_INDEX, build_data
 from trainer.distributed import (
     DistInfo,
@@ -113,8 +113,8 @@ class Trainer:
 
     # -- run ------------------------------------------------------------------------------
     def train(self) -> None:
-        if self.is_main:
-            save_config(self.cfg, self.cfg.run.dir)
+        if self.is_main and not save_config_or_warn(self.cfg, self.cfg.run.dir):
+            self.metrics.retry_later(lambda: save_config(self.cfg, self.cfg.run.dir))
         resumed_step = self.state.restore()
         self.metrics.truncate_after(resumed_step)
         self.throughput.reset()
@@ -230,6 +230,7 @@ class Trainer:
             return
         record = {"step": step, **record, **self.throughput.measure()}
         record["tokens_seen"] = self.state.tokens_seen
+        record.update(self.state.snapshots.counters())  # skipped snapshots are never silent
         record["tokens_by_source"] = dict(self.data.tokens_by_source)
         if cfg.data.record_sample_ids:
             record["sample_ids"] = list(self.data.last_sample_ids)

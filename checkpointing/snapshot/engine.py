@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from checkpointing.snapshot.slots import (
     local_data,
 )
 
+SLOT_WAIT_S = 300.0
+"""How long a snapshot waits for a free slot (both are pinned while the keeper checksums,
+replicates or persists them) before it is skipped, with a warning and counted."""
+
 
 class SnapshotEngine:
     def __init__(
@@ -44,8 +49,10 @@ class SnapshotEngine:
         node_index: int,
         process_group: dist.ProcessGroup | None = None,
         layouts: Sequence[Layout] = (),
+        run_id: str = "",
     ) -> None:
         self.client = KeeperClient(keeper_address)
+        self.run_id = run_id
         self.layouts = tuple(layouts)
         self.shm_root = Path(shm_root)
         self.node_index = node_index
@@ -60,6 +67,13 @@ class SnapshotEngine:
         self._stream = None
         self.last_error: str | None = None
         self.skipped = 0
+        """Snapshots that found no free slot within SLOT_WAIT_S (each also warned about)."""
+        self.slot_wait_s = 0.0
+        """Time spent waiting for a free slot (the keeper's work falling behind)."""
+        self.restore_skipped: list[str] = []
+        """Memory snapshots the last restore found unusable (named, and skipped)."""
+        self.disabled: str | None = None
+        """Why the memory tier turned itself off (it could not set up its slots), if it did."""
 
     # -- setup (first snapshot) ---------------------------------------------------------
     def _owned(self, tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -126,16 +140,16 @@ class SnapshotEngine:
         """
         self.wait_copied()
         self._join_thread()
-        if self.layout is None:
-            self._setup(tensors)
+        if self.disabled or (self.layout is None and not self._set_up_or_disable(tensors)):
+            return False
         try:
-            slot = self.client.request({"cmd": "begin", "rank": self.rank, "step": step,
-                                        "world_size": self.world_size})["slot"]
+            slot = self._free_slot(step)
         except (OSError, RuntimeError) as err:
             return self._failed(f"snapshot of step {step} skipped: keeper unreachable ({err})")
         if slot is None:
             self.skipped += 1
-            return False
+            return self._failed(f"snapshot of step {step} skipped: no free slot within "
+                                f"{SLOT_WAIT_S:.0f} s ({self.skipped} skipped so far)")
         pairs = [(view, local_data(tensors[name]).detach())
                  for name, view in self.views[slot].items()]
         done = {"cmd": "done", "rank": self.rank, "slot": slot, "step": step,
@@ -146,6 +160,34 @@ class SnapshotEngine:
                                         daemon=True)
         self._thread.start()
         return True
+
+    def _free_slot(self, step: int) -> int | None:
+        """Begin snapshot `step` in a free slot, waiting (bounded) while both are pinned."""
+        begin = {"cmd": "begin", "rank": self.rank, "step": step, "world_size": self.world_size}
+        start = time.monotonic()
+        while (slot := self.client.request(begin)["slot"]) is None:
+            if time.monotonic() - start > SLOT_WAIT_S:
+                break
+            time.sleep(0.02)
+        self.slot_wait_s += time.monotonic() - start
+        return slot
+
+    def _set_up_or_disable(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Collective: map the slots on every rank, or turn the memory tier off on all (e.g. the
+        shared memory is smaller in fact than the preflight estimate) and say why."""
+        problem = None
+        try:
+            self._setup(tensors)
+        except (OSError, RuntimeError) as err:
+            problem = f"rank {self.rank}: {err}"
+        problem = collectives.agree_on_problem(problem, self.group)
+        if problem is None:
+            return True
+        self.disabled = problem
+        if self.rank == 0:
+            print(f"warning: memory snapshots are off: {problem}; the run goes on with disk "
+                  "checkpoints", file=sys.stderr, flush=True)
+        return False
 
     def _copy_on_side_stream(self, pairs) -> None:
         self._stream.wait_stream(torch.cuda.current_stream())
@@ -164,7 +206,7 @@ class SnapshotEngine:
                     for i, (dst, src) in enumerate(pairs):
                         if i == len(pairs) // 2:
                             faults.maybe_pause("copy", done["step"],
-                                              f"rank {self.rank} step {done['step']}")
+                                              f"rank {self.rank} step {done['step']}", self.rank)
                         dst.copy_(src)
             self.client.request(done)
         except (OSError, RuntimeError) as err:
@@ -194,9 +236,11 @@ class SnapshotEngine:
         except (OSError, RuntimeError) as err:
             self._failed(f"memory tier unavailable for restore: {err}")
             local = []
+        local = [m for m in local if m.get("run_id", "") == self.run_id]  # never another run's
         own_dir = f"node{self.node_index}"
+        self.restore_skipped = []
         return restore_from_memory(local, self.shm_root, own_dir, tensors, newer_than, self.group,
-                                   self.layouts)
+                                   self.layouts, self.restore_skipped)
 
     def drain(self) -> dict[str, Any]:
         """Wait until the keeper has checksummed, replicated and persisted what it has."""

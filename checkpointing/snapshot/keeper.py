@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import os
 import queue
+import shutil
 import signal
 import socketserver
 import sys
@@ -23,13 +25,14 @@ from typing import Any
 
 from checkpointing.commit import committed_dirs, prune
 from checkpointing.snapshot import faults
-from checkpointing.snapshot.persist import commit_when_complete, write_node_part
+from checkpointing.snapshot.persist import commit_when_complete, temp_dir_for, write_node_part
 from checkpointing.snapshot.protocol import receive, send
 from checkpointing.snapshot.replica import PeerLink, fetch_from_peer, serve_fetch, store_replica
 from checkpointing.snapshot.slots import SlotLayout, box_checksums, write_json_atomically
 from checkpointing.snapshot.store import SlotStore
 
 COMMIT_TIMEOUT_S = 120.0
+KEEPER_PID_FILE = "keeper.pid"
 SHUTDOWN_COMMIT_TIMEOUT_S = 15.0
 
 
@@ -38,16 +41,19 @@ class Keeper:
         self.args = args
         self.shm_root = Path(args.shm_root)
         self.node_dir = self.shm_root / f"node{args.node_index}"
-        self.store = SlotStore(self.shm_root, self.node_dir)
+        self.store = SlotStore(self.shm_root, self.node_dir, args.run_id)
         self.replica_stores: dict[int, SlotStore] = {}
-        # Two workers: a snapshot counts once checksummed, so checksums never queue behind a
-        # persist (which may wait minutes on a slow disk or on other nodes' parts).
+        # Three workers: a snapshot counts once checksummed, so checksums never queue behind a
+        # persist (which may wait minutes on a slow disk or on other nodes' parts) or a replica.
         self.tasks: queue.Queue = queue.Queue()
         self.persists: queue.Queue = queue.Queue()
-        self.status: dict[str, Any] = {"node": args.node_index, "persisted_step": None,
+        self.replicas: queue.Queue = queue.Queue()  # a slow or dead peer delays nothing else
+        self.root = Path(args.checkpoint_dir)
+        on_disk = committed_dirs(self.root)
+        self.status: dict[str, Any] = {"node": args.node_index,
+                                       "persisted_step": on_disk[0][0] if on_disk else None,
                                        "persist_error": None, "persist_failures": 0}
         self.peer = PeerLink(args.peer, self.log) if args.peer else None
-        self.root = Path(args.checkpoint_dir)
         self.pending_persist: set[int] = set()
 
     def log(self, message: str) -> None:
@@ -98,7 +104,7 @@ class Keeper:
     def _replica_store(self, node: int) -> SlotStore:
         if node not in self.replica_stores:
             directory = self.node_dir / f"replica-node{node}"
-            self.replica_stores[node] = SlotStore(self.shm_root, directory)
+            self.replica_stores[node] = SlotStore(self.shm_root, directory, self.args.run_id)
         return self.replica_stores[node]
 
     # -- background work (two threads, each in order) ------------------------------------
@@ -113,8 +119,9 @@ class Keeper:
                 tasks.task_done()
 
     def join_background_work(self) -> None:
-        self.tasks.join()  # checksums first: they may queue persists
+        self.tasks.join()  # checksums first: they may queue persists and replicas
         self.persists.join()
+        self.replicas.join()
 
     def _checksum(self, rank: int, slot: int) -> None:
         try:
@@ -125,14 +132,21 @@ class Keeper:
                     crcs = box_checksums(memoryview(data), layout, manifest["block_size"])
             manifest = {**manifest, "state": "complete", "crc32": crcs}
             self.store.set_manifest(rank, slot, manifest)
-            if self.peer is not None:
-                self.peer.send_replica(self.args.node_index, manifest, layout,
-                                       self.store.path(rank, slot))
+            if self.peer is not None:  # pinned until sent
+                self.store.pin(rank, slot, +1)
+                self.replicas.put((self._replicate, rank, slot, manifest))
         finally:
             self.store.pin(rank, slot, -1)
         step = manifest["step"]
         if manifest["persist"] and len(self.store.complete_ranks_at(step)) == self.args.local_ranks:
             self.queue_persist(step, COMMIT_TIMEOUT_S)
+
+    def _replicate(self, rank: int, slot: int, manifest: dict[str, Any]) -> None:
+        try:
+            self.peer.send_replica(self.args.node_index, manifest, self.store.layouts[rank],
+                                   self.store.path(rank, slot))
+        finally:
+            self.store.pin(rank, slot, -1)
 
     def queue_persist(self, step: int, timeout_s: float) -> None:
         """Pin the step's slots now, so no newer snapshot reuses them while the persist waits."""
@@ -155,6 +169,8 @@ class Keeper:
                 prune(self.root, self.args.keep)  # housekeeping after the commit, not before
                 self.log(f"persisted step {step} to {self.root}")
         except (OSError, TimeoutError, AssertionError) as err:
+            # At once: a full disk must get its space back for the next persist to succeed.
+            shutil.rmtree(temp_dir_for(self.root, step), ignore_errors=True)
             self.status.update(persist_error=f"persist of step {step} failed: {err}")
             self.status["persist_failures"] += 1
             self.log(f"persist of step {step} failed: {err}; training goes on in memory")
@@ -231,11 +247,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--local-ranks", type=int, required=True)
     p.add_argument("--checkpoint-dir", required=True)
     p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--run-id", default="", help="the run whose slots this keeper holds")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     keeper = Keeper(parse_args(sys.argv[1:] if argv is None else argv))
+    (keeper.node_dir / KEEPER_PID_FILE).write_text(str(os.getpid()))  # "in use" for launchers
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     keeper.restore_from_peer()
     server = _Server((keeper.args.bind, keeper.args.port), _Handler)
     server.keeper = keeper  # type: ignore[attr-defined]
-    for tasks in (keeper.tasks, keeper.persists):
+    for tasks in (keeper.tasks, keeper.persists, keeper.replicas):
         threading.Thread(target=keeper.work, args=(tasks,), daemon=True).start()
     keeper.finish_adopted_work()  # pins what it persists before any worker may reuse a slot
     threading.Thread(target=server.serve_forever, daemon=True).start()

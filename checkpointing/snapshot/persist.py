@@ -89,7 +89,7 @@ def write_node_part(root: Path, node_index: int, manifests: list[dict[str, Any]]
     global_state = None
     for m in sorted(manifests, key=lambda m: m["rank"]):
         name = shard_file_name(m["rank"])
-        faults.maybe_pause("persist", step, f"copying {name} of step {step}")
+        faults.maybe_pause("persist", step, f"copying {name} of step {step}", m["rank"])
         copy_durably(shm_root / m["file"], temp / name, m["size"])
         files[name] = {"size": m["size"], "header_crc32": m["header_crc32"]}
         records = m["layout"].get("records", {})

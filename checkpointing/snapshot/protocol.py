@@ -46,9 +46,11 @@ def parse_address(address: str) -> tuple[str, int]:
 class KeeperClient:
     """A persistent connection to a keeper; reconnects when it was restarted."""
 
-    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 io_timeout_s: float | None = None) -> None:
         self.address = address
         self.connect_timeout_s = connect_timeout_s
+        self.io_timeout_s = io_timeout_s
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._stream: BinaryIO | None = None
@@ -89,7 +91,7 @@ class KeeperClient:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
-            self._sock.settimeout(None)
+            self._sock.settimeout(self.io_timeout_s)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._stream = self._sock.makefile("rwb")
         return self._stream

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,17 +21,25 @@ from checkpointing.snapshot.slots import SlotLayout
 from checkpointing.snapshot.store import SlotStore
 
 PEER_CONNECT_TIMEOUT_S = 2.0
+PEER_IO_TIMEOUT_S = 30.0
+PEER_RETRY_S = 10.0
+"""While the peer is down, replicas are dropped at once and a connection retried this often."""
 
 
 class PeerLink:
-    """Sends replicas; a dead peer costs one log line, not the snapshot."""
+    """Sends replicas (from the keeper's replica thread, never in the way of checksums); a
+    dead peer costs one log line, not the snapshot, and a hung one at most PEER_IO_TIMEOUT_S."""
 
     def __init__(self, address: str, log: Callable[[str], None]) -> None:
-        self.client = KeeperClient(address, connect_timeout_s=PEER_CONNECT_TIMEOUT_S)
+        self.client = KeeperClient(address, connect_timeout_s=PEER_CONNECT_TIMEOUT_S,
+                                   io_timeout_s=PEER_IO_TIMEOUT_S)
         self.log = log
         self.failing = False
+        self.retry_at = 0.0
 
     def send_replica(self, node: int, manifest: dict, layout: SlotLayout, path: Path) -> None:
+        if self.failing and time.monotonic() < self.retry_at:
+            return
         message = {"cmd": "replica", "node": node, "manifest": manifest,
                    "layout": layout.to_json()}
         error = None
@@ -50,6 +59,7 @@ class PeerLink:
         if not self.failing:
             self.log(f"cannot replicate to peer {self.client.address}: {error}")
         self.failing = True
+        self.retry_at = time.monotonic() + PEER_RETRY_S
 
 
 def _write_slot(store: SlotStore, manifest: dict, layout: SlotLayout, stream: BinaryIO) -> None:

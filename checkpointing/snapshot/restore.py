@@ -10,6 +10,7 @@ node's files (a layout change across real nodes) reads as missing, and all ranks
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +34,15 @@ class MemoryRestore:
     source: str
 
 
-def newest_complete_step(manifests: list[dict[str, Any]], newer_than: int) -> int | None:
+def complete_steps(manifests: list[dict[str, Any]], newer_than: int) -> list[int]:
+    """Steps newer than `newer_than` whose slots are complete for every rank, newest first."""
     ranks_by_step: dict[int, set[int]] = {}
     world_by_step: dict[int, int] = {}
     for m in manifests:
         ranks_by_step.setdefault(m["step"], set()).add(m["rank"])
         world_by_step[m["step"]] = m["world_size"]
-    complete = [
-        s for s, ranks in ranks_by_step.items()
-        if s > newer_than and ranks == set(range(world_by_step[s]))
-    ]
-    return max(complete) if complete else None
+    return sorted((s for s, ranks in ranks_by_step.items()
+                   if s > newer_than and ranks == set(range(world_by_step[s]))), reverse=True)
 
 
 def build_index(manifests: list[dict[str, Any]], step: int, prefer: str) -> CheckpointIndex:
@@ -87,28 +86,38 @@ def restore_from_memory(
     newer_than: int,
     group: dist.ProcessGroup | None = None,
     layouts: Sequence[Layout] = (),
+    skipped: list[str] | None = None,
 ) -> MemoryRestore | None:
-    """Collective: fill `tensors` from the newest memory snapshot newer than `newer_than`."""
+    """Collective: fill `tensors` from the newest usable memory snapshot newer than
+    `newer_than`; each one found unusable is named (and appended to `skipped`)."""
     gathered = collectives.all_gather_strings(json.dumps(local_manifests), group)
     manifests = [m for text in gathered for m in json.loads(text)]
-    step = newest_complete_step(manifests, newer_than)
-    if step is None:
-        return None
+    for step in complete_steps(manifests, newer_than):  # the same list on every rank
+        problem = _load_step(manifests, step, shm_root, own_dir, tensors, group, layouts)
+        if problem is None:
+            by_rank = {m["rank"]: m for m in manifests if m["step"] == step}
+            return MemoryRestore(
+                step=step,
+                global_state=by_rank[0]["global_state"],
+                rank_states=[by_rank[r]["rank_state"] for r in range(len(by_rank))],
+                source=f"memory snapshot of step {step} ({shm_root})",
+            )
+        if collectives.rank(group) == 0:
+            print(f"skipping memory snapshot {step}: {problem}", file=sys.stderr, flush=True)
+        if skipped is not None:
+            skipped.append(f"memory snapshot {step}: {problem}")
+    return None
+
+
+def _load_step(manifests: list[dict[str, Any]], step: int, shm_root: Path, own_dir: str,
+               tensors: dict[str, torch.Tensor], group, layouts: Sequence[Layout]) -> str | None:
+    """Collective: read snapshot `step` into `tensors`; the problem every rank agrees on."""
     index = build_index(manifests, step, prefer=own_dir + "/")
     logical, declared = to_logical(tensors, layouts)
     problem = collectives.agree_on_problem(request_problem(index, logical, declared), group)
     if problem:
-        print(f"memory snapshot {step} not used: {problem}", flush=True)
-        return None
+        return problem
     reader = VerifyingShardReader(shm_root, index)
     dcp.load(logical, storage_reader=reader, planner=ShardViewLoadPlanner(),
              process_group=group, no_dist=not collectives.is_distributed(group))
-    if collectives.agree_on_problem(reader.damage, group):
-        return None
-    by_rank = {m["rank"]: m for m in manifests if m["step"] == step}
-    return MemoryRestore(
-        step=step,
-        global_state=by_rank[0]["global_state"],
-        rank_states=[by_rank[r]["rank_state"] for r in range(len(by_rank))],
-        source=f"memory snapshot of step {step} ({shm_root})",
-    )
+    return collectives.agree_on_problem(reader.damage, group)

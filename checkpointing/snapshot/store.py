@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from checkpointing.format import DEFAULT_BLOCK_SIZE
+from checkpointing.format import (
+    DEFAULT_BLOCK_SIZE,
+    METADATA_CRC_KEY,
+    metadata_crc_problem,
+    with_metadata_crc,
+)
 from checkpointing.snapshot.persist import header_crc
 from checkpointing.snapshot.slots import (
     SLOTS_PER_RANK,
@@ -24,15 +30,17 @@ from checkpointing.snapshot.slots import (
     write_json_atomically,
 )
 
-GIB = 1 << 30
+MIB = 1 << 20
 
 
 class SlotStore:
-    """Slots of the ranks of one node under `directory` (a subdirectory of `shm_root`)."""
+    """Slots of the ranks of one node under `directory` (a subdirectory of `shm_root`), all of
+    run `run_id`: slots another run left are never adopted."""
 
-    def __init__(self, shm_root: Path, directory: Path) -> None:
+    def __init__(self, shm_root: Path, directory: Path, run_id: str = "") -> None:
         self.shm_root = shm_root
         self.directory = directory
+        self.run_id = run_id
         directory.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
         self.layouts: dict[int, SlotLayout] = {}
@@ -41,17 +49,35 @@ class SlotStore:
         self._adopt()
 
     def _adopt(self) -> None:
-        """Take over slots a previous keeper on this node left (it crashed; memory survived)."""
+        """Take over slots a previous keeper of this run left (it crashed; memory survived)."""
         for path in sorted(self.directory.glob("rank-*.layout.json")):
-            obj = read_json_or_none(path)
+            obj = self._read_checked(path)
             if obj is None:
                 continue
             rank = int(obj["rank"])
             self.layouts[rank] = SlotLayout.from_json(obj["layout"])
             for slot in range(SLOTS_PER_RANK):
-                manifest = read_json_or_none(self.directory / manifest_name(rank, slot))
+                manifest = self._read_checked(self.directory / manifest_name(rank, slot))
                 if manifest is not None:
                     self.manifests[(rank, slot)] = manifest
+
+    def _read_checked(self, path: Path) -> dict[str, Any] | None:
+        """A layout or manifest file, or None (with the reason) when it is damaged or another
+        run's."""
+        obj = read_json_or_none(path)
+        if obj is None:
+            return None
+        problem = metadata_crc_problem(obj)
+        if problem is None and obj.get("run_id") != self.run_id:
+            problem = f"it belongs to run {obj.get('run_id')!r}, not {self.run_id!r}"
+        if problem:
+            print(f"[keeper] not adopting {path}: {problem}", file=sys.stderr, flush=True)
+            return None
+        obj.pop(METADATA_CRC_KEY)
+        return obj
+
+    def _write(self, path: Path, obj: dict[str, Any]) -> None:
+        write_json_atomically(path, with_metadata_crc({**obj, "run_id": self.run_id}))
 
     def relative(self, rank: int, slot: int) -> str:
         return str((self.directory / slot_file_name(rank, slot)).relative_to(self.shm_root))
@@ -69,10 +95,8 @@ class SlotStore:
             self.drop(rank)
             for slot in range(SLOTS_PER_RANK):
                 create_slot_file(self.path(rank, slot), layout)
-            write_json_atomically(
-                self.directory / f"rank-{rank:05d}.layout.json",
-                {"rank": rank, "layout": layout.to_json()},
-            )
+            self._write(self.directory / f"rank-{rank:05d}.layout.json",
+                        {"rank": rank, "layout": layout.to_json()})
             self.layouts[rank] = layout
             return [self.relative(rank, s) for s in range(SLOTS_PER_RANK)]
 
@@ -88,9 +112,9 @@ class SlotStore:
         need = SLOTS_PER_RANK * slot_bytes * max(missing, 1)
         if need > free:
             raise ValueError(
-                f"{self.directory.parent} has {free / GIB:.2f} GiB free but the memory tier needs "
+                f"{self.directory.parent} has {free / MIB:.3g} MiB free but the memory tier needs "
                 f"{SLOTS_PER_RANK} slots x {max(missing, 1)} local ranks x "
-                f"{slot_bytes / GIB:.2f} GiB = {need / GIB:.2f} GiB; enlarge /dev/shm or set "
+                f"{slot_bytes / MIB:.3g} MiB = {need / MIB:.3g} MiB; enlarge /dev/shm or set "
                 f"checkpoint.interval=0"
             )
 
@@ -126,7 +150,7 @@ class SlotStore:
     def set_manifest(self, rank: int, slot: int, manifest: dict[str, Any]) -> None:
         with self.lock:
             self.manifests[(rank, slot)] = manifest
-            write_json_atomically(self.directory / manifest_name(rank, slot), manifest)
+            self._write(self.directory / manifest_name(rank, slot), manifest)
 
     def begin(self, rank: int, step: int, world_size: int) -> int | None:
         with self.lock:
@@ -138,6 +162,7 @@ class SlotStore:
     def new_manifest(self, rank: int, slot: int, step: int, world_size: int) -> dict[str, Any]:
         layout = self.layouts[rank]
         return {
+            "run_id": self.run_id,
             "rank": rank,
             "slot": slot,
             "step": step,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -180,3 +181,82 @@ def test_any_rank_damage_makes_all_ranks_fall_back(tmp_path):
         [(name, why)] = result["skipped"]
         assert name == "step-00000002"
         assert "checksum mismatch" in why and "shard-00001.safetensors" in why and "rank 1" in why
+
+
+def replace_once(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) >= 1, (old, data[:200])
+    path.write_bytes(data.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("name,old,new", [
+    # one bit each: valid JSON, wrong content (issue 18 #6)
+    ("state.json", b'"global_state": {\n  "step": 2', b'"global_state": {\n  "step": 3'),
+    ("index.json", b'"world_size": 1', b'"world_size": 3'),
+])
+def test_flipped_bit_in_metadata(tmp_path, capsys, name, old, new):
+    mgr = save_two(tmp_path)
+    replace_once(tmp_path / "step-00000002" / name, old, new)
+    assert_falls_back(mgr, name, "checksum mismatch")
+    assert ckpt(["verify", str(tmp_path)]) == 1
+    assert f"{name}: checksum mismatch" in capsys.readouterr().out
+
+
+def test_flipped_byte_in_safetensors_header_fails_load_and_verify_alike(tmp_path, capsys):
+    mgr = save_two(tmp_path)
+    shard = tmp_path / "step-00000002" / "shard-00000.safetensors"
+    replace_once(shard, b'"writer":"perennial"', b'"writer":"perenniaL"')
+    assert_falls_back(mgr, "shard-00000.safetensors", "safetensors header")
+    assert ckpt(["verify", str(tmp_path)]) == 1
+    assert "checksum mismatch in the safetensors header" in capsys.readouterr().out
+
+
+def test_truncated_state_json_fails_verify_as_it_fails_load(tmp_path, capsys):
+    mgr = save_two(tmp_path)
+    state = tmp_path / "step-00000002" / "state.json"
+    os.truncate(state, state.stat().st_size // 2)
+    assert_falls_back(mgr, "state.json")
+    assert ckpt(["verify", str(tmp_path)]) == 1
+    assert "state.json is not valid JSON" in capsys.readouterr().out
+
+
+def test_verify_prints_one_line_per_damaged_file_and_counts(tmp_path, capsys):
+    save_two(tmp_path)
+    shard = tmp_path / "step-00000002" / "shard-00000.safetensors"
+    for offset in (shard.stat().st_size - 10, shard.stat().st_size - 2000):  # both tensors
+        flip_byte(shard, offset)
+    assert ckpt(["verify", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3, lines  # BAD <path>:, the shard's line, the counts
+    assert "shard-00000.safetensors" in lines[1] and "'model.b', 'model.w'" in lines[1]
+    assert lines[2] == "1 damaged file(s); 2 of 2 tensor shard(s) in 1 file(s) unreadable"
+
+
+def test_format_v1_checkpoints_without_metadata_checksums_still_load(tmp_path, capsys):
+    mgr = save_two(tmp_path)
+    for name in ("state.json", "index.json"):
+        path = tmp_path / "step-00000002" / name
+        obj = json.loads(path.read_text())
+        del obj["metadata_crc32"]
+        obj["format_version"] = 1
+        path.write_text(json.dumps(obj))
+    loaded = {name: torch.zeros_like(t) for name, t in tensors_for(2).items()}
+    result = mgr.load_latest(loaded)
+    assert result.step == 2 and not result.skipped
+    assert ckpt(["verify", str(tmp_path)]) == 0
+
+
+def test_failed_save_on_a_full_disk_removes_its_temp_dir(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        mgr = CheckpointManager(disk / "ckpt")
+        with pytest.raises((OSError, RuntimeError), match="No space left"):
+            mgr.save(1, {"model.w": torch.randn(512, 1024)})  # 2 MiB on a 1 MiB disk
+        assert not [p.name for p in (disk / "ckpt").iterdir()], "the temp dir holds the space"
+        mgr.save(2, tensors_for(2))  # the space is back
+        assert [c.step for c in find_loadable(disk / "ckpt")] == [2]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

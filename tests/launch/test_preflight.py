@@ -5,6 +5,7 @@ unwritable run.dir, and /dev/shm too small for the memory snapshots."""
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 
@@ -103,9 +104,23 @@ def test_snapshot_estimate_follows_the_layout():
 
 def test_shm_too_small(tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path}", "checkpoint.interval=1", *HUGE_MODEL])
-    with pytest.raises(ValueError, match="/dev/shm has .* GiB free but checkpoint.interval=1"):
+    with pytest.raises(ValueError, match="/dev/shm has .* [GMK]iB free but checkpoint.interval=1"):
         check_shm_space(cfg, 8, 8)
     check_shm_space(load_config(None, [f"run.dir={tmp_path}", "checkpoint.interval=1"]), 2, 2)
+
+
+def test_small_shm_sizes_are_readable(tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(shm)]).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        cfg = load_config(None, [f"run.dir={tmp_path}", "checkpoint.interval=1"])
+        with pytest.raises(ValueError) as err:
+            check_shm_space(cfg, 1, 1, shm_dir=shm)
+    finally:
+        subprocess.run(["umount", "-l", str(shm)], check=False)
+    assert f"{shm} has 64 KiB free" in str(err.value) and "0.00 GiB" not in str(err.value)
 
 
 def test_cli_shm_too_small(tmp_path):

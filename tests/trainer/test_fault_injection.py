@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch.keepers import SHM_BASE, job_id
+from launch.keepers import shm_root_for
 from tests.seeds import replayable_seed
 from tests.trainer.runs import REPO, tiny_job
 from tests.trainer.test_resume import assert_bitwise_equal, final_weights
@@ -60,7 +60,7 @@ class Run:
         for process in [*tree, psutil.Process(self.proc.pid)]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-        shutil.rmtree(SHM_BASE / job_id(str(self.run_dir)), ignore_errors=True)
+        shutil.rmtree(shm_root_for(self.run_dir), ignore_errors=True)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -112,7 +112,7 @@ class Run:
         self.proc.wait(timeout=timeout)
         self.reader.join(timeout=10)
         assert self.proc.returncode == 0, self.log
-        assert not (SHM_BASE / job_id(str(self.run_dir))).exists(), "shared memory left behind"
+        assert not (shm_root_for(self.run_dir)).exists(), "shared memory left behind"
         return self.log
 
 
@@ -193,7 +193,7 @@ def test_node_loss_with_peer_replica(tmp_path, data_cache, reference):
     killed_after = [run.kill_worker(1)]
     keeper.send_signal(signal.SIGKILL)
     keeper.wait()
-    shutil.rmtree(SHM_BASE / job_id(str(tmp_path / "run")) / "node1")
+    shutil.rmtree(shm_root_for(tmp_path / "run") / "node1")
     log = run.finish()
     assert "of this node from the peer replica" in log
     assert_recovered(log, killed_after)

@@ -3,7 +3,9 @@ checksumming it, or in the middle of a persist, leaves work its restarted succes
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 import torch
 
@@ -12,12 +14,12 @@ from checkpointing.snapshot.keeper import Keeper, parse_args
 from checkpointing.snapshot.slots import MappedSlot, SlotLayout
 
 
-def keeper_over(tmp_path, start_workers: bool) -> Keeper:
+def keeper_over(tmp_path, start_workers: bool, *extra: str) -> Keeper:
     keeper = Keeper(parse_args([
         "--shm-root", str(tmp_path / "shm"), "--port", "0", "--local-ranks", "1",
-        "--checkpoint-dir", str(tmp_path / "checkpoints")]))
+        "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra]))
     if start_workers:  # a killed keeper never ran the work it queued
-        for tasks in (keeper.tasks, keeper.persists):
+        for tasks in (keeper.tasks, keeper.persists, keeper.replicas):
             threading.Thread(target=keeper.work, args=(tasks,), daemon=True).start()
     return keeper
 
@@ -64,3 +66,19 @@ def test_restarted_keeper_resumes_an_interrupted_persist(tmp_path):
     loaded = {"w": torch.zeros(4, 8)}
     CheckpointManager(tmp_path / "checkpoints").load_latest(loaded)
     assert torch.equal(loaded["w"], tensors["w"])
+
+
+def test_a_hung_peer_delays_no_checksum(tmp_path):
+    """Replicas go out from their own thread: a peer that accepts and never answers holds up
+    neither the next checksum nor the slot beyond the peer timeout."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        keeper = keeper_over(tmp_path, True, "--peer", f"127.0.0.1:{hung.getsockname()[1]}")
+        tensors = {"w": torch.randn(4, 8)}
+        for step in (1, 2):
+            snapshot_into(keeper, step, tensors, persist=False)
+        deadline = time.monotonic() + 10
+        while len(keeper.store.complete_manifests()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(m["step"] for m in keeper.store.complete_manifests()) == [1, 2]

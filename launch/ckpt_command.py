@@ -21,7 +21,7 @@ import torch
 from checkpointing import resolve_checkpoint
 from checkpointing.cli import main as checkpointing_main
 from checkpointing.deepspeed.files import is_universal_dir
-from launch.args import _Parser
+from trainer.args import Parser
 
 SourceKind = Literal["hf", "deepspeed", "perennial"]
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,7 +90,7 @@ IMPORTERS: dict[str, Callable[[Path, Path], Path]] = {
 
 
 def _import(argv: list[str]) -> int:
-    parser = _Parser(prog="perennial ckpt import", description="Import a foreign checkpoint.")
+    parser = Parser(prog="perennial ckpt import", description="Import a foreign checkpoint.")
     parser.add_argument("src", help="a Hugging Face model dir, DeepSpeed checkpoint or "
                         "ds_to_universal dir")
     parser.add_argument("out", help="checkpoint root to create (must not exist or be empty)")
@@ -111,7 +111,7 @@ def _import(argv: list[str]) -> int:
 def _export_hf(argv: list[str]) -> int:
     from trainer.model.hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
 
-    parser = _Parser(prog="perennial ckpt export", description="Export a Hugging Face model.")
+    parser = Parser(prog="perennial ckpt export", description="Export a Hugging Face model.")
     parser.add_argument("path", help="checkpoint dir, checkpoint root or run dir")
     parser.add_argument("out", help="directory to write (must not exist or be empty)")
     parser.add_argument("--format", choices=["hf"], required=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from launch.args import UsageError, one_line
+from trainer.args import UsageError, one_line
 
 USAGE = """usage: perennial COMMAND ...
 

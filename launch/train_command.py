@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 
-from launch.args import parse_job_args
 from launch.keepers import KeeperGroup
 from launch.preflight import preflight
-from trainer.config_loader import load_config, to_yaml, validate_layout
+from launch.torchrun import ENV_VERBOSE
+from trainer.args import parse_job_args
+from trainer.config_loader import ENV_CONFIG_NOTED, load_config, to_yaml, validate_layout
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as trainer/snapshots.py exits
 
@@ -22,6 +23,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nnodes", default="1", help="nodes (torchrun syntax, e.g. 2 or 1:4)")
     parser.add_argument("--rdzv-endpoint", default="", help="host:port of the c10d rendezvous")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep torchrun's own logs and failure report")
     parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SLURM_NODEID", 0)),
                         help="this node's index among --nnodes (default $SLURM_NODEID or 0)")
     parser.add_argument("--keeper-port", type=int, default=0,
@@ -29,8 +32,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keeper-peer", default="",
                         help="host:port of the next node's keeper (checkpoint.replicas=1), or "
                              "'slurm': the next node of $SLURM_JOB_NODELIST at --keeper-port")
-    parser.add_argument("--simulated-nodes", type=int, default=1,
-                        help="run K keepers here, each owning nproc/K ranks (for tests)")
+    # For tests, out of the help: K keepers here, each owning nproc/K ranks.
+    parser.add_argument("--simulated-nodes", type=int, default=1, help=argparse.SUPPRESS)
 
 
 def train_command(argv: list[str]) -> int:
@@ -39,6 +42,7 @@ def train_command(argv: list[str]) -> int:
     if flags.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {flags.nproc}")
     cfg = load_config(args.config, args.overrides)
+    os.environ[ENV_CONFIG_NOTED] = "1"  # its warnings are printed: the workers stay quiet
     validate_layout(cfg, flags.nproc * _min_nodes(flags.nnodes))
     if flags.dry_run:
         print(to_yaml(cfg), end="")
@@ -71,7 +75,8 @@ def _min_nodes(nnodes: str) -> int:
 
 
 def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(flags.nproc)]
+    # torchrun itself (torch.distributed.run), reporting a failed worker on one line
+    cmd = [sys.executable, "-m", "launch.torchrun", "--nproc-per-node", str(flags.nproc)]
     cmd += ["--max-restarts", str(flags.max_restarts)]
     if flags.nnodes == "1" and not flags.rdzv_endpoint:
         cmd += ["--standalone"]
@@ -89,6 +94,8 @@ TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 def _run_torchrun(flags, worker_argv: list[str]) -> int:
     env = {**os.environ, **TORCHRUN_ENV}
+    if flags.verbose:
+        env[ENV_VERBOSE] = "1"
     proc = subprocess.Popen(torchrun_command(flags, worker_argv), env=env)
     # Slurm preemption: torchrun passes SIGTERM on to the workers, which save and exit 143;
     # torchrun itself then ends with a traceback and code 1, so the launcher answers 143.
@@ -107,9 +114,4 @@ def _run_torchrun(flags, worker_argv: list[str]) -> int:
         print(f"perennial: stopped by SIGTERM (exit code {PREEMPTED_EXIT_CODE}: requeue to "
               "resume from the final checkpoint)", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    if code != 0:
-        print(
-            f"error: training failed (torchrun exit code {code}); see the worker output above",
-            file=sys.stderr,
-        )
-    return code
+    return code  # launch/torchrun.py has reported a failure on one line

@@ -3,9 +3,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from launch.args import UsageError, parse_job_args
 from launch.cli import main
 from launch.train_command import torchrun_command
+from trainer.args import UsageError, parse_job_args
 
 
 def test_flags_and_overrides_in_any_order():
@@ -48,7 +48,7 @@ def test_torchrun_command_single_and_multi_node():
         nproc, max_restarts, nnodes, rdzv_endpoint = 4, 3, "1", ""
 
     cmd = torchrun_command(Flags, ["job.yaml", "a=1"])
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[1:3] == ["-m", "launch.torchrun"] and "--standalone" in cmd
     assert cmd[-4:] == ["-m", "trainer", "job.yaml", "a=1"]
     Flags.nnodes, Flags.rdzv_endpoint = "2", "head:29500"
     cmd = torchrun_command(Flags, [])

@@ -44,6 +44,10 @@ def train_command(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     os.environ[ENV_CONFIG_NOTED] = "1"  # its warnings are printed: the workers stay quiet
     validate_layout(cfg, flags.nproc * _min_nodes(flags.nnodes))
+    cores = len(os.sched_getaffinity(0))
+    if flags.nproc > cores:
+        print(f"warning: --nproc {flags.nproc} exceeds the {cores} CPU cores this process may "
+              "use; the workers will compete for them", file=sys.stderr)
     if flags.dry_run:
         print(to_yaml(cfg), end="")
         return 0

@@ -84,7 +84,11 @@ def _describe(err: OmegaConfBaseException) -> str:
     for public, internal in _KEYWORD_KEYS.items():
         key = key.replace(internal, public)
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        return f"unknown config key {key!r}"
+        from trainer.config_doc import closest_key
+
+        guess = closest_key(key)
+        hint = f"; did you mean {guess}?" if guess else "; `perennial config` lists every key"
+        return f"unknown config key {key!r}{hint}"
     message = str(err).splitlines()[0]
     return f"config key {key!r}: {message}" if key else f"config: {message}"
 
@@ -205,9 +209,10 @@ CONFIG_HISTORY = "config-history"
 
 def save_config(cfg: JobConfig, run_dir: str | os.PathLike, step: int = 0) -> Path:
     """`<run_dir>/config.yaml`, and a copy per start of the run in `config-history/`
-    (`<UTC time>-step<N>.yaml`, N = the step it started from)."""
+    (`<UTC time, µs>-step<N>.yaml`, N = the step it started from)."""
     text = to_yaml(cfg)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 10**6:06d}Z"
     history = Path(run_dir) / CONFIG_HISTORY / f"{stamp}-step{step}.yaml"
     for path in (history, Path(run_dir) / "config.yaml"):
         path.parent.mkdir(parents=True, exist_ok=True)

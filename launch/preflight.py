@@ -24,6 +24,7 @@ from checkpointing.snapshot.slots import SLOTS_PER_RANK
 from launch.keepers import job_id
 from trainer.config_loader import validate_layout
 from trainer.data.packed import source_files
+from trainer.init_from import check_init_from
 
 SHM_DIR = Path("/dev/shm")
 GIB = 2**30
@@ -33,6 +34,8 @@ BYTES_PER_PARAM = 3 * 4  # fp32 weight, exp_avg, exp_avg_sq
 def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
     check_world_size(cfg, nproc, nnodes)
     check_run_dir_writable(cfg.run.dir)
+    if cfg.init.from_:
+        check_init_from(cfg.init.from_)
     check_data_files(cfg.data)
     check_resume_model(cfg)
     if rdzv_endpoint:

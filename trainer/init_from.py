@@ -27,23 +27,36 @@ def is_hf_source(path: str | Path) -> bool:
     return is_hf_dir(path)
 
 
-def adopt_init_model(cfg: JobConfig) -> list[str]:
-    """Apply what `init.from` implies to `cfg`; one note per key changed. ValueError (one
-    line) when `init.from` is none of the sources above."""
-    if not cfg.init.from_:
-        return []
-    source = Path(cfg.init.from_).expanduser()
-    if is_hf_source(source):
-        from trainer.model.hf_io import hf_model_overrides, tokenizer_of
-
-        return _adopt(cfg, hf_model_overrides(source), tokenizer_of(source), f"{source}")
+def check_init_from(source: str) -> Path | None:
+    """The checkpoint `init.from` names (None: a Hugging Face directory); ValueError (one
+    line) when it is none of the sources above."""
+    path = Path(source).expanduser()
+    if is_hf_source(path):
+        return None
     try:
-        checkpoint = resolve_checkpoint(source)
+        return resolve_checkpoint(path)
     except ValueError as err:
         raise ValueError(
             f"init.from: {source} is not a checkpoint, a run directory with a committed "
             f"checkpoint, or a Hugging Face model directory (config.json + weights): {err}"
         ) from None
+
+
+def adopt_init_model(cfg: JobConfig) -> list[str]:
+    """Apply what `init.from` implies to `cfg`; one note per key changed. A source that is
+    none of the above changes nothing here: the launcher's preflight (`check_init_from`) and
+    the warm start refuse it, and a config may name a source that a job before it will write."""
+    if not cfg.init.from_:
+        return []
+    try:
+        checkpoint = check_init_from(cfg.init.from_)
+    except ValueError:
+        return []
+    if checkpoint is None:
+        from trainer.model.hf_io import hf_model_overrides, tokenizer_of
+
+        source = Path(cfg.init.from_).expanduser()
+        return _adopt(cfg, hf_model_overrides(source), tokenizer_of(source), f"{source}")
     try:
         state = read_json(checkpoint / STATE_FILE)["global_state"]
     except (KeyError, CheckpointDamaged):

@@ -121,9 +121,11 @@ def test_cli_shm_too_small(tmp_path):
 
 def test_init_from_must_be_a_checkpoint_run_dir_or_hf_dir(tmp_path):
     (tmp_path / "notes").mkdir()
-    with pytest.raises(ValueError, match=r"init.from: .*notes is not a checkpoint, a run "
-                                         r"directory .* or a Hugging Face model directory"):
-        load_config(None, [f"init.from={tmp_path / 'notes'}"])
+    proc = perennial("train", *tiny_job(tmp_path / "run", tmp_path / "cache"),
+                     f"init.from={tmp_path / 'notes'}", check=False)
+    line = one_line_error(proc)
+    assert "notes is not a checkpoint, a run directory with a committed checkpoint, or a " \
+           "Hugging Face model directory" in line
 
 
 @pytest.mark.parametrize("content, message", [

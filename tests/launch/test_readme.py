@@ -92,5 +92,7 @@ def test_hugging_face_path(tmp_path, family):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-out", local_files_only=True)
     expected = "LlamaForCausalLM" if family == "llama" else "MixtralForCausalLM"
     assert type(exported).__name__ == expected
+    source = json.loads((tmp_path / "path/to/hf_llama" / "config.json").read_text())
     config = json.loads((tmp_path / "hf-out" / "config.json").read_text())
-    assert config["hidden_size"] == 64
+    assert config["hidden_size"] == source["hidden_size"]
+    assert config["num_hidden_layers"] == source["num_hidden_layers"]

@@ -44,6 +44,12 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 600) -> Dis
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
+def say(message: str) -> None:
+    """A status line on rank 0's stderr (the other ranks would repeat it)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
 def exit_skipping_teardown(code: int) -> NoReturn:
     """End a worker process after `destroy_process_group`, skipping interpreter finalization:
     gloo's worker threads can still hold tensors then, and tearing those down during

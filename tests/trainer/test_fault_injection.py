@@ -95,7 +95,8 @@ class Run:
                 cmd = " ".join(child.cmdline())
             except psutil.NoSuchProcess:
                 continue
-            if marker in cmd and "torch.distributed.run" not in cmd:
+            launcher = any(t in cmd for t in ("torch.distributed.run", "launch.torchrun"))
+            if marker in cmd and not launcher:
                 found.append(child)
         return found
 

@@ -76,3 +76,27 @@ def test_killed_and_resumed_twice_is_one_wandb_run_with_each_step_once(tmp_path,
     steps = [row["step"]["num"] for row in rows]
     assert steps == list(range(1, 11)), f"each step once, in order: {steps}"
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 11))
+
+
+def test_lines_say_where_the_run_is():
+    line = format_line({"step": 120, "loss": 2.0, "tokens_per_s": 264.0,
+                        "tokens_per_s_smooth": 4936.0, "elapsed_s": 75.2, "eta_s": 3700}, 300)
+    assert line.startswith("step    120/300  loss 2.0000")
+    assert "tok/s 4,936" in line and "elapsed 1m15s" in line and "eta 1h01m" in line
+
+
+def test_smoothed_throughput_leaves_out_the_warm_up_interval(monkeypatch):
+    import torch
+
+    from trainer.metrics import Throughput
+
+    clock = iter([0.0, 10.0, 11.0, 12.0, 13.0])  # reset; the first step took 10 s, then 1 s each
+    monkeypatch.setattr("trainer.metrics.time.perf_counter", lambda: next(clock))
+    meter = Throughput(1.0, 1, torch.device("cpu"), max_steps=10)
+    rates = []
+    for step in range(1, 5):
+        meter.add(100)
+        rates.append(meter.measure(step))
+    assert rates[0]["tokens_per_s"] == 10.0 and rates[0]["tokens_per_s_smooth"] == 10.0
+    assert [r["tokens_per_s_smooth"] for r in rates[1:]] == [100.0, 100.0, 100.0]
+    assert rates[-1]["eta_s"] == 6.0 and rates[-1]["elapsed_s"] == 13.0

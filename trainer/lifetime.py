@@ -34,6 +34,19 @@ def preexec_die_with(parent_pid: int, sig: int):
 
 
 def die_with_torchrun() -> None:
-    """In a worker started by torchrun: die when the torchrun agent does."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        die_with_parent(signal.SIGKILL)
+    """In a worker started by torchrun: die when the torchrun agent does. A worker is slow to
+    get here (imports), so torchrun may already be gone: then the parent is no torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    die_with_parent(signal.SIGKILL)
+    if not _is_torchrun(os.getppid()):
+        print(f"worker {os.getpid()}: torchrun is gone; exiting", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_torchrun(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid != 1 and b"torch" in f.read()
+    except OSError:
+        return pid != 1  # no /proc: trust anything but init

@@ -75,7 +75,7 @@ def test_build_data_with_hf_tokenizer(hf_tokenizer_dir, tmp_path):
     assert str(data.sources[0].train.dtype) == "uint16"
     bytes_cfg = DataConfig(sources=cfg.sources, seq_len=8, cache_dir=cfg.cache_dir)
     bytes_data = build_data(bytes_cfg, seed=0, global_batch_size=4, micro_batch_size=2)
-    assert len(list(Path(cfg.cache_dir, "packed").glob("fox-*.npy"))) == 2
+    assert len(list(Path(cfg.cache_dir, "prepared").glob("fox-*/manifest.json"))) == 2
     assert len(bytes_data.sources[0].train) > len(data.sources[0].train)
 
 

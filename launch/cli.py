@@ -12,6 +12,8 @@ commands:
   train [CONFIG] [key=value ...] [--nproc N] [--max-restarts K] [--dry-run]
   ckpt {inspect,verify,export} PATH ...
   schedule [CONFIG] [key=value ...] [--plot OUT.png]
+  data prepare SOURCE OUT --tokenizer T [--num-proc N] [--text-column C]
+  data verify OUT
   slurm [CONFIG] [key=value ...] --nodes N --gpus-per-node G [--submit]
 """
 
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             from launch.slurm import slurm_command
 
             return slurm_command(rest)
+        if command == "data":
+            from launch.data_command import data_command
+
+            return data_command(rest)
         if command == "grow":
             from launch.grow_command import grow_command
 

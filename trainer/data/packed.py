@@ -140,7 +140,10 @@ def shards_directory(
 
 
 def check_tokenizer(
-    source: SourceConfig, manifest: dict, tokenizer_spec: str, tokenizer: ByteTokenizer | HFTokenizer
+    source: SourceConfig,
+    manifest: dict,
+    tokenizer_spec: str,
+    tokenizer: ByteTokenizer | HFTokenizer,
 ) -> None:
     prepared = manifest["tokenizer"]
     if prepared["identity"] != tokenizer.identity:

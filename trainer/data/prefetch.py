@@ -20,9 +20,7 @@ class Prefetcher(Generic[T]):
         self.load = load
         self.depth = depth
         self.pending: deque[tuple[Hashable, Future]] = deque()
-        self.executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="perennial-prefetch") if depth else None
-        )
+        self.executor: ThreadPoolExecutor | None = None  # started by the first schedule
 
     def get(self, key: Hashable) -> T:
         while self.pending and self.pending[0][0] != key:
@@ -33,8 +31,10 @@ class Prefetcher(Generic[T]):
 
     def schedule(self, keys: list[Hashable]) -> None:
         """Start loading `keys` (the next steps, in order) that are not loading yet."""
-        if self.executor is None:
+        if not self.depth:
             return
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="perennial-prefetch")
         queued = [key for key, _ in self.pending]
         for key in keys[: self.depth]:
             if key not in queued:

@@ -133,7 +133,8 @@ class ShardWriter:
     """Cuts the ordered document stream into parts of about `shard_tokens` tokens."""
 
     def __init__(self, directory, dtype, shard_tokens: int, job: str, first_part: int, rows: int):
-        self.directory, self.dtype, self.shard_tokens, self.job = directory, dtype, shard_tokens, job
+        self.directory, self.dtype, self.job = directory, dtype, job
+        self.shard_tokens = shard_tokens
         self.next_part, self.rows = first_part, rows
         self.part: PartWriter | None = None
         self.records: list[dict] = []

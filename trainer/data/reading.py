@@ -125,7 +125,7 @@ def _open(source: RawSource):
     except SourceError:
         raise
     except Exception as error:
-        raise SourceError(f"cannot open {source.spec}: {type(error).__name__}: {error}") from error
+        raise SourceError(f"cannot read {source.spec}: {type(error).__name__}: {error}") from error
 
 
 def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:

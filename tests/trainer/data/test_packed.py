@@ -65,7 +65,8 @@ def test_txt_paragraphs_are_documents(tmp_path):
     packed = load(SourceConfig("t", str(path)), tmp_path, eval_fraction=0.0)
     assert len(packed.eval) == 0
     # datasets keeps the file's final newline in the last paragraph
-    np.testing.assert_array_equal(packed.train[:], expected_rows([*texts[:-1], texts[-1] + "\n"], 8))
+    expected = expected_rows([*texts[:-1], texts[-1] + "\n"], 8)
+    np.testing.assert_array_equal(packed.train[:], expected)
 
 
 def test_parquet(tmp_path):

@@ -83,7 +83,7 @@ def test_resume_into_another_world_size_from_prepared_shards(tmp_path):
     out = str(tmp_path / "shards")
     prepare(write_corpus(tmp_path / "c.jsonl.gz", 1500), out, "bytes", shard_tokens=15000)
     job = ["schedule.total_steps=6", "checkpoint.persist_interval=3", "data.record_sample_ids=true",
-           sources_override("web", out) + "", "data.prefetch=2"]
+           sources_override("web", out), "data.prefetch=2"]
     reference = tmp_path / "reference"
     perennial("train", *tiny_job(reference, tmp_path / "cache", *job, "train.max_steps=6"))
     run = tmp_path / "run"
@@ -114,4 +114,5 @@ def test_bad_data_fails_on_one_line_before_workers_start(tmp_path, override, fra
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert err.count("\n") == 0 and fragment in err and "Traceback" not in err, err
-    assert "torch.distributed" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "torch.distributed" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -19,6 +19,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
 
 
 def prepare_run(corpus: Path, out: Path, tokenizer: str, num_proc: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "launch.cli", "data", "prepare", str(corpus), str(out),
            "--tokenizer", tokenizer, "--num-proc", str(num_proc), "--shard-tokens", str(1 << 25)]
     seconds, peak, _ = run_measured(cmd)
@@ -110,7 +112,7 @@ def prepare_run(corpus: Path, out: Path, tokenizer: str, num_proc: int) -> dict:
 
 
 HF_MAP = """
-import sys, time, numpy as np
+import sys, time, numpy as np, pyarrow.compute as pc
 from datasets import load_dataset
 from transformers import AutoTokenizer
 corpus, tokenizer, cache, num_proc = sys.argv[1:5]
@@ -118,7 +120,7 @@ tok = AutoTokenizer.from_pretrained(tokenizer)
 ds = load_dataset("json", data_files=corpus, split="train", cache_dir=cache)
 out = ds.map(lambda b: {"ids": tok(b["text"])["input_ids"]}, batched=True,
              remove_columns=["text"], num_proc=int(num_proc))
-print(sum(len(x) for x in out.data.column("ids").chunks))
+print(pc.sum(pc.list_value_length(out.data.column("ids"))).as_py())
 """
 
 OLD_BUILD = """
@@ -146,6 +148,7 @@ def script_run(code: str, *args: str) -> dict:
 
 def train_run(workdir: Path, name: str, shards: Path, tokenizer: str) -> dict:
     run_dir = workdir / f"train-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "launch.cli", "train", f"run.dir={run_dir}",
            f"data.cache_dir={workdir / 'cache'}", f"data.tokenizer={tokenizer}",
            f"data.sources=[{{name: web, path: '{shards}'}}]", f"data.seq_len={SEQ}",
@@ -218,8 +221,10 @@ def write_npy(shards: Path, npy: Path) -> None:
 def run(compressed_mb: float, workdir: Path) -> dict:
     small_mb = compressed_mb / 4
     corpus, small = workdir / "corpus.jsonl.gz", workdir / "small.jsonl.gz"
-    generate_corpus(corpus, compressed_mb)
-    generate_corpus(small, small_mb, seed=1)
+    for path, size, seed in ((corpus, compressed_mb, 0), (small, small_mb, 1),
+                             (workdir / "eighth.jsonl.gz", compressed_mb / 8, 2)):
+        if not path.exists():  # a --workdir of an earlier run keeps its corpora
+            generate_corpus(path, size, seed)
     tokenizer = train_tokenizer(small, workdir / "tokenizer")
     r: dict = {"mb": corpus.stat().st_size / 2**20, "small_mb": small.stat().st_size / 2**20}
     with gzip.open(corpus, "rb") as handle:
@@ -233,7 +238,6 @@ def run(compressed_mb: float, workdir: Path) -> dict:
     r["hf_small"] = script_run(HF_MAP, str(small), tokenizer, str(workdir / "hf"), "2")
     print("hf map 2 (small):", r["hf_small"], flush=True)
     eighth = workdir / "eighth.jsonl.gz"
-    generate_corpus(eighth, compressed_mb / 8, seed=2)
     r["old_eighth"] = script_run(OLD_BUILD, str(eighth), tokenizer, str(workdir / "old8"))
     r["old_small"] = script_run(OLD_BUILD, str(small), tokenizer, str(workdir / "old4"))
     r["eighth_mb"] = eighth.stat().st_size / 2**20
@@ -331,17 +335,21 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(quick: bool) -> str:
+def markdown(quick: bool, workdir: str = "") -> str:
+    size = QUICK_MB if quick else FULL_MB
+    if workdir:
+        return report(run(size, Path(workdir)))
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-        return report(run(QUICK_MB if quick else FULL_MB, Path(tmp)))
+        return report(run(size, Path(tmp)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"a {QUICK_MB} MB corpus")
     parser.add_argument("--out", default="docs/benchmarks.md", help="report file, or - to print")
+    parser.add_argument("--workdir", default="", help="keep corpora and outputs here (reused)")
     args = parser.parse_args()
-    emit("data", markdown(args.quick), args.out)
+    emit("data", markdown(args.quick, args.workdir), args.out)
 
 
 if __name__ == "__main__":

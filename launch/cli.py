@@ -16,6 +16,8 @@ commands:
   ckpt {inspect,verify,export,import} PATH ...
   grow {upcycle,stack} SRC OUT ...
   schedule [CONFIG] [key=value ...] [--plot OUT.png]
+  data prepare SOURCE OUT --tokenizer T [--num-proc N] [--text-column C]
+  data verify OUT
   slurm [CONFIG] [key=value ...] --nodes N --gpus-per-node G [--submit]
   clean RUN_DIR    free the memory snapshots a killed run left in /dev/shm
 """
@@ -27,6 +29,7 @@ COMMANDS = {
     "schedule": ("launch.schedule_command", "schedule_command"),
     "slurm": ("launch.slurm", "slurm_command"),
     "clean": ("launch.clean_command", "clean_command"),
+    "data": ("launch.data_command", "data_command"),
 }
 
 

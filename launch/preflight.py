@@ -42,6 +42,17 @@ def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
         check_rendezvous_port(rdzv_endpoint)
     if cfg.checkpoint.memory_snapshots():
         check_shm_space(cfg, nproc, nproc * nnodes)
+    check_data(cfg)
+
+
+def check_data(cfg) -> None:
+    """Open every data source as the workers will, preparing raw ones into data.cache_dir
+    first: an empty source, a missing column, an unreadable file, a tokenizer too large for
+    model.vocab_size or one that differs from a prepared source's fails here, on one line."""
+    from trainer.data import build_data
+
+    t = cfg.train
+    build_data(cfg.data, t.seed, t.global_batch_size, t.micro_batch_size, cfg.model.vocab_size)
 
 
 def check_world_size(cfg, nproc: int, nnodes: int) -> None:

@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("reshard", "bench_reshard", "same- vs cross-layout load, vs torch DCP"),
     ("ds_import", "bench_ds_import", "ckpt import vs DeepSpeed ds_to_universal"),
     ("throughput", "bench_throughput", "perennial train vs a bare PyTorch loop"),
+    ("data", "bench_data", "data prepare 1 vs 2 processes, memory vs corpus size, shard loading"),
 ]
 
 

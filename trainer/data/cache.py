@@ -25,10 +25,28 @@ def atomic_output(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches may be shared between users
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def publish(tmp: str, path: str) -> None:
+    """Make the complete file `tmp` durable, then rename it onto `path` (and make that durable):
+    after a crash `path` is either absent, its old version, or complete."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=1, sort_keys=True)
 
 
 def build_once(path: str, build: Callable[[str], None]) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from trainer.data.reading import ACCEPTED_FILE_SUFFIXES, HF_PREFIX
+
 BUILTIN_CORPORA = ("stdlib:prose", "stdlib:code")
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
 
 @dataclass
@@ -18,8 +19,11 @@ class SourceConfig:
     name: str = ""
     """Unique name of the source; keys the metrics (tokens_by_source, eval loss per source)."""
     path: str = ""
-    """Local file or directory (.jsonl/.json/.txt/.parquet), or a built-in corpus:
-    `stdlib:prose` (Python's documentation prose) or `stdlib:code` (the stdlib's source code)."""
+    """A directory written by `perennial data prepare` (token shards); a local file or directory
+    of .jsonl/.json/.txt/.parquet files, each maybe .gz or .zst compressed; a `save_to_disk`
+    directory; `hf:NAME[:CONFIG]`, a dataset in the local Hugging Face cache (never downloaded);
+    or a built-in corpus: `stdlib:prose` (Python's documentation prose) or `stdlib:code` (the
+    stdlib's source code). Raw sources are prepared once into cache_dir."""
     weight: float = 1.0
     """Share of the training tokens drawn from this source, normalised over all sources;
     0 keeps the source for evaluation only."""
@@ -46,6 +50,10 @@ class DataConfig:
     """Micro batches evaluated per source, in total over the data-parallel group."""
     cache_dir: str = ""
     """Where built corpora and packed token caches go; empty means ~/.cache/perennial."""
+    num_proc: int = 1
+    """Processes tokenising a raw source the first time it is used (its cache is then reused)."""
+    prefetch: int = 2
+    """Steps of batches read ahead in a background thread (pinned memory on CUDA); 0: none."""
     record_sample_ids: bool = False
     """Debugging/testing: expose the global sample ids of every step as `last_sample_ids`."""
 
@@ -69,6 +77,11 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_batches < 0:
             raise ValueError(f"data.eval_batches must be >= 0, got {self.eval_batches}")
+        if self.num_proc < 1 or self.prefetch < 0:
+            raise ValueError(
+                f"data.num_proc must be >= 1 and data.prefetch >= 0, got {self.num_proc} and "
+                f"{self.prefetch}"
+            )
         if self.tokenizer != "bytes" and not os.path.isdir(os.path.expanduser(self.tokenizer)):
             raise ValueError(
                 f"data.tokenizer: {self.tokenizer} is neither 'bytes' nor an existing directory"
@@ -88,8 +101,10 @@ def _validate_source(source: SourceConfig, key: str) -> None:
                 f"{key}.path: unknown built-in corpus {source.path!r}; available: {BUILTIN_CORPORA}"
             )
         return
+    if source.path.startswith(HF_PREFIX):  # looked up in the local cache when loaded
+        return
     path = os.path.expanduser(source.path)
     if not source.path or not os.path.exists(path):
         raise ValueError(f"{key}.path: {source.path or '(empty)'} does not exist")
-    if os.path.isfile(path) and not path.endswith(DATA_FILE_SUFFIXES):
-        raise ValueError(f"{key}.path: {source.path} is not one of {DATA_FILE_SUFFIXES}")
+    if os.path.isfile(path) and not path.endswith(ACCEPTED_FILE_SUFFIXES):
+        raise ValueError(f"{key}.path: {source.path} is not one of {ACCEPTED_FILE_SUFFIXES}")

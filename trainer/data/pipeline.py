@@ -10,12 +10,14 @@ not depend on it: reduce eval losses as sum(loss over targets != IGNORE_INDEX) /
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 import torch
 
 from trainer.data.config import DataConfig
 from trainer.data.packed import PackedSource, load_packed_source
+from trainer.data.prefetch import Prefetcher
 from trainer.data.stream import SampleRef, SampleStream
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
@@ -26,7 +28,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Data:
-    """Packed sources plus the global sample stream. Build it with `build_data`."""
+    """Packed sources plus the global sample stream. Build it with `build_data`.
+
+    The stream runs `cfg.prefetch` steps ahead of the trainer so that their rows load in the
+    background; `state_dict` and `tokens_by_source` describe the steps handed out so far."""
 
     def __init__(
         self,
@@ -36,12 +41,14 @@ class Data:
         seed: int,
         global_batch_size: int,
         micro_batch_size: int,
+        pin_memory: bool = False,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.sources = sources
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.stream = SampleStream(
             names=[source.name for source in sources],
             sizes=[len(source.train) for source in sources],
@@ -50,6 +57,9 @@ class Data:
             seq_len=cfg.seq_len,
         )
         self._last_refs: list[SampleRef] = []
+        # Steps taken from the stream but not handed out yet: (stream state before, refs).
+        self._ahead: deque[tuple[dict, list[SampleRef]]] = deque()
+        self._prefetch: Prefetcher[list[Batch]] = Prefetcher(self._load, cfg.prefetch)
 
     @property
     def vocab_size(self) -> int:
@@ -62,7 +72,7 @@ class Data:
     @property
     def tokens_by_source(self) -> dict[str, int]:
         """Cumulative training tokens per source name (seq_len per sample)."""
-        return self.stream.tokens_by_source
+        return dict(self.state_dict()["tokens_by_source"])
 
     def next_step_batches(self, dp_rank: int, dp_size: int) -> list[Batch]:
         """This rank's micro batches of the next global batch, as (inputs, targets) int64 tensors
@@ -72,10 +82,14 @@ class Data:
         per_rank = self.global_batch_size // dp_size
         assert per_rank * dp_size == self.global_batch_size, "global batch not divisible by dp"
         assert per_rank % self.micro_batch_size == 0, "rank batch not divisible by micro batch"
-        refs = self.stream.take(self.global_batch_size)
+        while len(self._ahead) <= self.cfg.prefetch:
+            self._ahead.append((self.stream.state_dict(), self.stream.take(self.global_batch_size)))
+        refs = self._ahead.popleft()[1]
         self._last_refs = refs if self.cfg.record_sample_ids else []
-        rows = self._gather(refs[dp_rank * per_rank : (dp_rank + 1) * per_rank])
-        return _micro_batches(rows, self.micro_batch_size)
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        batches = self._prefetch.get(tuple(refs[mine]))
+        self._prefetch.schedule([tuple(step_refs[mine]) for _, step_refs in self._ahead])
+        return batches
 
     @property
     def last_sample_ids(self) -> list[str]:
@@ -95,7 +109,7 @@ class Data:
             raise ValueError(f"unknown data source {source_name!r}; sources: {self.source_names}")
         held_out = self.sources[self.source_names.index(source_name)].eval
         micro = self.micro_batch_size
-        rows = torch.from_numpy(np.asarray(held_out[: self.cfg.eval_batches * micro], np.int64))
+        rows = torch.from_numpy(held_out[: self.cfg.eval_batches * micro].astype(np.int64))
         per_rank = math.ceil(math.ceil(len(rows) / micro) / dp_size) * micro
         if per_rank == 0:  # eval_fraction or eval_batches is 0
             return []
@@ -107,22 +121,37 @@ class Data:
 
     def state_dict(self) -> dict:
         """JSON-able stream position; load it under any data-parallel size."""
-        return self.stream.state_dict()
+        return self._ahead[0][0] if self._ahead else self.stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self._ahead.clear()
+        self._prefetch.clear()
         self.stream.load_state_dict(state)
 
-    def _gather(self, refs: list[SampleRef]) -> torch.Tensor:
-        rows = np.stack([self.sources[ref.source].train[ref.index] for ref in refs])
-        return torch.from_numpy(rows.astype(np.int64))
+    def _load(self, refs: tuple[SampleRef, ...]) -> list[Batch]:
+        """Copy the rows of `refs` out of the memory maps into (pinned) micro batches."""
+        rows = np.empty((len(refs), self.cfg.seq_len + 1), dtype=np.int64)
+        for i, ref in enumerate(refs):
+            rows[i] = self.sources[ref.source].train[ref.index]
+        batches = _micro_batches(torch.from_numpy(rows), self.micro_batch_size)
+        if self.pin_memory:  # host-to-device copies can then overlap compute
+            batches = [(inputs.pin_memory(), targets.pin_memory()) for inputs, targets in batches]
+        return batches
 
 
 def build_data(
-    data_cfg: DataConfig, seed: int, global_batch_size: int, micro_batch_size: int
+    data_cfg: DataConfig,
+    seed: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    model_vocab_size: int = 0,
+    pin_memory: bool = False,
 ) -> Data:
-    """Load, tokenise and pack every source (cached), and start the sample stream at step 0.
+    """Open every source (preparing raw ones into the cache first), check them against the
+    tokenizer and `model_vocab_size` (0: derived from the tokenizer), and start the sample
+    stream at step 0.
 
-    Safe to call on every rank at once: cache files are built by one process under a file lock
+    Safe to call on every rank at once: caches are prepared by one process under a file lock
     and published by atomic rename."""
     data_cfg.validate()
     if micro_batch_size <= 0 or global_batch_size <= 0:
@@ -135,12 +164,19 @@ def build_data(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     tokenizer = build_tokenizer(data_cfg.tokenizer)
+    if model_vocab_size and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"data.tokenizer {data_cfg.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+            f"model.vocab_size ({model_vocab_size})"
+        )
     cache_dir = data_cfg.resolved_cache_dir()
     sources = [
-        load_packed_source(source, tokenizer, data_cfg.seq_len, data_cfg.eval_fraction, cache_dir)
+        load_packed_source(source, data_cfg.tokenizer, tokenizer, data_cfg.seq_len,
+                           data_cfg.eval_fraction, cache_dir, data_cfg.num_proc)
         for source in data_cfg.sources
     ]
-    return Data(data_cfg, tokenizer, sources, seed, global_batch_size, micro_batch_size)
+    return Data(data_cfg, tokenizer, sources, seed, global_batch_size, micro_batch_size,
+                pin_memory)
 
 
 def _micro_batches(rows: torch.Tensor, micro_batch_size: int) -> list[Batch]:

@@ -1,7 +1,9 @@
 """Tokenizers: byte-level (built in) or a local Hugging Face tokenizer directory.
 
-Both expose `vocab_size`, `bos_id`, `eos_id`, `encode`, `encode_batch`, `decode` and `identity`
-(a string that changes whenever the token ids would, used to key the packed-token caches).
+Both expose `vocab_size`, `bos_id`, `eos_id`, `add_bos`, `encode`, `encode_batch`, `decode` and
+`identity` (a string that changes whenever the token ids would, used to key the token caches).
+`encode_documents` frames documents as training sees them: BOS (where the tokenizer defines one
+apart from EOS), the text's tokens, EOS.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int
     eos_id: int
+    add_bos: bool
     identity: str
 
     def encode(self, text: str) -> list[int]: ...
@@ -33,6 +36,7 @@ class ByteTokenizer:
 
     bos_id = 256
     eos_id = 257
+    add_bos = True
     identity = "bytes-v1"
 
     @property
@@ -66,6 +70,8 @@ class HFTokenizer:
             raise ValueError(f"data.tokenizer: the tokenizer in {path} has no EOS token")
         self.eos_id: int = self.hf.eos_token_id
         self.bos_id: int = self.hf.bos_token_id if self.hf.bos_token_id is not None else self.eos_id
+        # GPT-2 style tokenizers have one <|endoftext|> for both: documents get it once.
+        self.add_bos = self.bos_id != self.eos_id
         self.identity = f"hf-{_directory_digest(self.path)}"
 
     @property
@@ -81,6 +87,21 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids)
+
+
+def encode_documents(
+    tokenizer: ByteTokenizer | HFTokenizer, texts: list[str], dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of all documents concatenated, each framed by BOS/EOS; tokens per document).
+    An empty text is no document: its length is 0 and it adds no token."""
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    pieces, lengths = [], np.zeros(len(texts), dtype=np.int64)
+    for i, ids in enumerate(tokenizer.encode_batch(texts)):
+        if len(ids):
+            pieces += [head, ids, [tokenizer.eos_id]]
+            lengths[i] = len(ids) + len(head) + 1
+    tokens = np.concatenate(pieces).astype(dtype) if pieces else np.zeros(0, dtype)
+    return tokens, lengths
 
 
 def build_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:

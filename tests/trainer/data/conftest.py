@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from trainer.data.config import DataConfig, SourceConfig
 from trainer.data.corpus import builtin_corpus_path
@@ -45,3 +47,26 @@ def builtin_cache_dir(tmp_path_factory) -> str:
     for spec in ("stdlib:prose", "stdlib:code"):
         builtin_corpus_path(spec, cache)
     return cache
+
+
+def save_tiny_hf_tokenizer(directory: Path) -> str:
+    """Train a 300-token byte-level BPE locally and save it the way the hub would ship it."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(documents("the quick brown fox", 50), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.fixture
+def hf_tokenizer_dir(tmp_path) -> str:
+    return save_tiny_hf_tokenizer(tmp_path / "tokenizer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -155,3 +156,31 @@ def test_real_ranks_build_concurrently_and_agree(two_source_cfg):
         assert ranks[0][0][step] == ranks[1][0][step] == reference.last_sample_ids
         expected_sums.append([int(inputs.sum()) for inputs, _ in batches])
     assert [r0 + r1 for r0, r1 in zip(ranks[0][1], ranks[1][1])] == expected_sums
+
+
+def test_prefetch_loads_ahead_in_a_thread_and_changes_no_sample(two_source_cfg):
+    two_source_cfg.prefetch = 0
+    synchronous = run_steps(build_data(two_source_cfg, 2, GLOBAL, MICRO), 2, steps=8)
+    two_source_cfg.prefetch = 2
+    data = build_data(two_source_cfg, 2, GLOBAL, MICRO)
+    threads, load = [], data._load
+
+    def recording_load(refs):
+        threads.append(threading.current_thread().name)
+        return load(refs)
+
+    data._prefetch.load = recording_load
+    first = run_steps(data, 1, steps=3)
+    assert int(data.stream.delivered.sum()) == 5 * GLOBAL  # the stream ran 2 steps ahead
+    assert data.state_dict()["cursor"] == 3 * GLOBAL  # the state: what was handed out
+    assert sum(data.tokens_by_source.values()) == 3 * GLOBAL * two_source_cfg.seq_len
+    assert threads[0] == "MainThread" and set(threads[1:]) == {"perennial-prefetch_0"}
+    state = data.state_dict()
+    resumed = build_data(two_source_cfg, 2, GLOBAL, MICRO)
+    resumed.load_state_dict(state)
+    rest = run_steps(resumed, 2, steps=5)
+    assert [ids for ids, _ in first + rest] == [ids for ids, _ in synchronous]
+    for (_, inputs), (_, expected) in zip(first + rest, synchronous):
+        assert torch.equal(inputs, expected)
+    data.load_state_dict(state)  # drops what was read ahead
+    assert [ids for ids, _ in run_steps(data, 1, steps=5)] == [ids for ids, _ in rest]

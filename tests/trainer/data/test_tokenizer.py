@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from trainer.data import ByteTokenizer, DataConfig, SourceConfig, build_data, build_tokenizer
 
@@ -23,29 +21,6 @@ def test_byte_tokenizer_round_trip():
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode([tokenizer.bos_id, *ids, tokenizer.eos_id]) == text
     assert [list(row) for row in tokenizer.encode_batch(["ab", ""])] == [[97, 98], []]
-
-
-def save_tiny_hf_tokenizer(directory: Path) -> str:
-    """Train a 300-token byte-level BPE locally and save it the way the hub would ship it."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(documents("the quick brown fox", 50), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    fast.save_pretrained(str(directory))
-    return str(directory)
-
-
-@pytest.fixture
-def hf_tokenizer_dir(tmp_path) -> str:
-    return save_tiny_hf_tokenizer(tmp_path / "tokenizer")
 
 
 def test_hf_tokenizer_from_local_dir(hf_tokenizer_dir):
@@ -75,7 +50,7 @@ def test_build_data_with_hf_tokenizer(hf_tokenizer_dir, tmp_path):
     assert str(data.sources[0].train.dtype) == "uint16"
     bytes_cfg = DataConfig(sources=cfg.sources, seq_len=8, cache_dir=cfg.cache_dir)
     bytes_data = build_data(bytes_cfg, seed=0, global_batch_size=4, micro_batch_size=2)
-    assert len(list(Path(cfg.cache_dir, "packed").glob("fox-*.npy"))) == 2
+    assert len(list(Path(cfg.cache_dir, "prepared").glob("fox-*/manifest.json"))) == 2
     assert len(bytes_data.sources[0].train) > len(data.sources[0].train)
 
 

@@ -59,6 +59,8 @@ class LoadResult:
     global_state: dict[str, Any]
     rank_states: list[dict[str, Any]]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    bytes_read: int = 0
+    """Tensor bytes this rank read (and verified) from the loaded checkpoint."""
 
 
 class CheckpointManager:
@@ -66,6 +68,7 @@ class CheckpointManager:
 
     Uses `process_group` (default: the default group when initialised, else single-process).
     `layouts` declares tensors whose in-memory form differs from the saved logical form.
+    `read_threads`: threads reading and verifying on each rank (0: its cores, at most 8).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class CheckpointManager:
         layouts: Sequence[Layout] = (),
         block_size: int = DEFAULT_BLOCK_SIZE,
         process_group: dist.ProcessGroup | None = None,
+        read_threads: int = 0,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
@@ -85,6 +89,8 @@ class CheckpointManager:
         self.layouts = tuple(layouts)
         self.block_size = block_size
         self.group = process_group
+        self.read_threads = read_threads  # 0: default_threads()
+        self._bytes_read = 0
 
     def save(
         self,
@@ -183,9 +189,10 @@ class CheckpointManager:
         logical, declared = to_logical(tensors, self.layouts)
         validate_request(f"checkpoint {path}", index, logical, declared)
         zero_padding(tensors, self.layouts)
-        reader = VerifyingShardReader(path, index)
+        reader = VerifyingShardReader(path, index, self.read_threads)
         with self._dcp_quiet():
             dcp.load(logical, storage_reader=reader, planner=ShardViewLoadPlanner(), **self._dcp())
+        self._bytes_read = reader.bytes_read
         return self._agree(reader.damage)
 
     def _result(self, path: Path, skipped: list[tuple[Path, str]]) -> LoadResult:
@@ -196,6 +203,7 @@ class CheckpointManager:
             global_state=state["global_state"],
             rank_states=state["rank_states"],
             skipped=skipped,
+            bytes_read=self._bytes_read,
         )
 
     def _agree(self, problem: str | None) -> str | None:

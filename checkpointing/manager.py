@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,6 +98,8 @@ class CheckpointManager:
         self._background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save")
         self._pending: Future[Path] | None = None
         self._async_group: dist.ProcessGroup | None = None
+        self.last_background_cpu_s = 0.0
+        """CPU seconds the last finished background save took (what it stole from training)."""
 
     def save(
         self,
@@ -127,9 +130,16 @@ class CheckpointManager:
         group = self._background_group()
         staged = self._host_buffers.stage(logical)
         self._pending = self._background.submit(
-            self._write, group, step, staged, layout_records, global_state, rank_state
+            self._write_in_background, group, step, staged, layout_records, global_state, rank_state
         )
         return None
+
+    def _write_in_background(self, *args) -> Path:
+        start = time.thread_time()
+        try:
+            return self._write(*args)
+        finally:
+            self.last_background_cpu_s = time.thread_time() - start
 
     def wait(self) -> Path | None:
         """Wait for the pending non-blocking save; its committed directory (None if none).

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from checkpointing import (
     CheckpointManager,
+    SaveCadence,
     apply_model_tensors,
     apply_optimizer_tensors,
     model_tensors,
@@ -86,31 +87,47 @@ class TrainState:
         if self.snapshots.after_step():  # the keeper persists
             return
         due = self.step % self.cfg.checkpoint.persist_interval == 0
+        due = due or (self.cadence is not None and self.cadence.due(self.step))
         if due and self.step != self.last_saved_step:  # mid-run growth saves its own step
             self.save()
 
     def save_final(self) -> None:
         self.snapshots.finish()
         if self.step != self.last_saved_step:
-            self.save()
+            self.save(blocking=True)
+        if self.manager is not None:
+            self.manager.wait()
 
-    def save(self) -> None:
+    def save(self, blocking: bool = False) -> None:
+        """Save this step; non-blocking (the step pays the copy) unless `blocking`."""
         if self.manager is None:
             return
         tensors, optim_json = self.tensors()
         rank_state = {"rng": rng_state(self.trainer.dist.device)}
-        self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
+        args = (self.step, tensors, self.global_state(optim_json), rank_state)
+        if blocking:
+            self.manager.save(*args)
+        else:
+            self.cadence.save(*args)
         self.last_saved_step = self.step
 
     # -- mid-run growth (trainer/growth/midrun.py) -------------------------------------------
     def rebuild_manager(self) -> None:
         """The checkpoint manager, declaring the current (maybe grown) model's expert layouts."""
         ckpt = self.cfg.checkpoint
+        if getattr(self, "manager", None) is not None:
+            self.manager.wait()  # the pending save of the model before growth
         self.layouts = expert_layouts(self.cfg.model)
         self.manager = (
             CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
             if ckpt.enabled
             else None
+        )
+        # Non-blocking saves' cadence; persist_interval alone when save_budget=0 (or with
+        # memory snapshots, where the keeper persists and this cadence never runs).
+        budget = 0 if ckpt.memory_snapshots() else ckpt.save_budget
+        self.cadence = self.manager and SaveCadence(
+            self.manager, budget, max_interval=ckpt.persist_interval
         )
 
     def apply_grown(self, tensors: dict, optim_json: dict) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,6 @@ class CheckpointManager:
         self.read_threads = read_threads  # 0: default_threads()
         self._bytes_read = 0
         self._host_buffers = HostBuffers()
-        self._background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save")
         self._pending: Future[Path] | None = None
         self._async_group: dist.ProcessGroup | None = None
         self.last_background_cpu_s = 0.0
@@ -129,7 +129,7 @@ class CheckpointManager:
             return self._write(self.group, step, logical, layout_records, global_state, rank_state)
         group = self._background_group()
         staged = self._host_buffers.stage(logical)
-        self._pending = self._background.submit(
+        self._pending = _in_daemon_thread(
             self._write_in_background, group, step, staged, layout_records, global_state, rank_state
         )
         return None
@@ -150,11 +150,8 @@ class CheckpointManager:
         return None if pending is None else pending.result()
 
     def close(self) -> None:
-        """Wait for the pending save and stop the background thread."""
-        try:
-            self.wait()
-        finally:
-            self._background.shutdown(wait=True)
+        """Wait for the pending save (kept for symmetry with other checkpointers)."""
+        self.wait()
 
     def _background_group(self) -> dist.ProcessGroup | None:
         """A gloo group for background saves, so they never interleave with the caller's
@@ -281,6 +278,21 @@ class CheckpointManager:
     @staticmethod
     def _dcp(group: dist.ProcessGroup | None) -> dict[str, Any]:
         return {"process_group": group, "no_dist": not collectives.is_distributed(group)}
+
+
+def _in_daemon_thread(fn, *args) -> Future:
+    """Run fn(*args) on a daemon thread: a process that dies with a save pending exits instead
+    of hanging in the save's collectives (the commit protocol keeps the disk consistent)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="checkpoint-save", daemon=True).start()
+    return future
 
 
 def _check_tensors(tensors: dict[str, Any]) -> None:

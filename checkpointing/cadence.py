@@ -49,16 +49,11 @@ class SaveCadence:
         """Whether `step` should be saved; never with budget 0 (the caller's own steps only)."""
         return self.budget > 0 and step >= self.next_step
 
-    def save(
-        self,
-        step: int,
-        tensors: dict[str, torch.Tensor],
-        global_state: dict[str, Any] | None = None,
-        rank_state: dict[str, Any] | None = None,
-    ) -> None:
-        """Collective: a non-blocking save of `step`, then the step of the next one."""
+    def save(self, step: int, tensors: dict[str, torch.Tensor], *state: dict[str, Any]) -> None:
+        """Collective: `manager.save(step, tensors, global_state, rank_state, blocking=False)`,
+        then the step of the next save."""
         start = time.perf_counter()
-        self.manager.save(step, tensors, global_state, rank_state, blocking=False)
+        self.manager.save(step, tensors, *state, blocking=False)
         end = time.perf_counter()
         cost = (end - start) + self.manager.last_background_cpu_s
         if self._last is None or step <= self._last[0]:

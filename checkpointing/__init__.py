@@ -1,12 +1,13 @@
 """Universal, sharded, pickle-free checkpoints for any PyTorch training loop.
 
     mgr = CheckpointManager(root_dir, keep=3)
-    mgr.save(step, tensors, global_state, rank_state)
+    mgr.save(step, tensors, global_state, rank_state)   # blocking=False: copy now, write behind
     result = mgr.load_latest(tensors)   # fills tensors in place, in any parallel layout
 
 See docs/checkpoint-format.md. This package never imports the trainer.
 """
 
+from checkpointing.cadence import SaveCadence
 from checkpointing.commit import Candidate, find_loadable, resolve_checkpoint
 from checkpointing.format import CheckpointDamaged
 from checkpointing.layout import Fused, Padded, Stacked
@@ -25,6 +26,7 @@ __all__ = [
     "Fused",
     "LoadResult",
     "Padded",
+    "SaveCadence",
     "Stacked",
     "apply_model_tensors",
     "apply_optimizer_tensors",

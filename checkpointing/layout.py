@@ -132,7 +132,7 @@ def zero_padding(tensors: dict[str, torch.Tensor], layouts: list[Layout] | tuple
         if match is None or not isinstance(match[0], Padded):
             continue
         spec = match[0]
-        local, offsets, _ = _local_box(value)
+        local, offsets, _ = local_box(value)
         keep = max(0, min(local.shape[spec.dim], spec.logical_size - offsets[spec.dim]))
         with torch.no_grad():
             local.narrow(spec.dim, keep, local.shape[spec.dim] - keep).zero_()
@@ -187,7 +187,7 @@ def _find_layout(key: str, value: torch.Tensor, layouts) -> tuple[Layout, str, s
     return None
 
 
-def _local_box(value: torch.Tensor) -> tuple[torch.Tensor, list[int], tuple[int, ...]]:
+def local_box(value: torch.Tensor) -> tuple[torch.Tensor, list[int], tuple[int, ...]]:
     if isinstance(value, DTensor):
         sizes, offsets = compute_local_shape_and_global_offset(
             value.shape, value.device_mesh, value.placements
@@ -212,7 +212,7 @@ def _apply(key: str, value: torch.Tensor, spec: Layout, prefix: str, suffix: str
 
 
 def _padded_view(key: str, value: torch.Tensor, spec: Padded):
-    local, offsets, shape = _local_box(value)
+    local, offsets, shape = local_box(value)
     dim = spec.dim
     if shape[dim] < spec.logical_size:
         raise ValueError(f"tensor {key!r} is smaller than its declared logical size")
@@ -235,7 +235,7 @@ def _fused_views(key: str, value: torch.Tensor, spec: Fused, prefix: str, suffix
         ranges = _part_ranges(value, spec)
         local, offsets, shape = value.to_local(), [0] * value.dim(), tuple(value.shape)
     else:
-        local, offsets, shape = _local_box(value)
+        local, offsets, shape = local_box(value)
     views = {}
     start = 0
     for i, (part, size) in enumerate(zip(spec.parts, spec.sizes)):

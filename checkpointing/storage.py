@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import StorageReader, StorageWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -37,6 +38,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from checkpointing.format import (
+    CHECKSUMS,
+    FAST_CHECKSUM,
     INDEX_FILE,
     STATE_FILE,
     CheckpointDamaged,
@@ -50,7 +53,8 @@ from checkpointing.format import (
     write_json_durably,
 )
 from checkpointing.layout import ShardView
-from checkpointing.reading import ShardFiles
+from checkpointing.reading import Request, ShardFiles, default_threads
+from checkpointing.tiles import plan_tiles, tile_checksums
 
 
 class ShardViewSavePlanner(DefaultSavePlanner):
@@ -151,20 +155,29 @@ class SafetensorsShardWriter(StorageWriter):
                 data = tensor_bytes(planner.resolve_data(item))
                 assert len(data) == nbytes, f"{item.index.fqn}: {len(data)} != {nbytes} bytes"
                 f.write(data)
-                chunk = item.tensor_data.chunk
-                box = SavedBox(
-                    offsets=tuple(chunk.offsets),
-                    sizes=tuple(chunk.sizes),
-                    file=file_name,
-                    byte_offset=offset,
-                    byte_length=nbytes,
-                    block_crc32=tuple(block_checksums(data, self.block_size)),
-                )
+                box = self._saved_box(item, data, file_name, offset)
                 results.append(WriteResult(item.index, nbytes, {"box": box, "file": file_info}))
                 offset += nbytes
             f.flush()
             os.fsync(f.fileno())
         return results
+
+    def _saved_box(self, item: WriteItem, data: memoryview, file: str, offset: int) -> SavedBox:
+        chunk, properties = item.tensor_data.chunk, item.tensor_data.properties
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        itemsize = properties.dtype.itemsize
+        grid = plan_tiles(tuple(item.tensor_data.size), offsets, sizes, itemsize, self.block_size)
+        raw = np.frombuffer(data, np.uint8)
+        checksum = CHECKSUMS[FAST_CHECKSUM]
+        return SavedBox(
+            offsets=offsets,
+            sizes=sizes,
+            file=file,
+            byte_offset=offset,
+            byte_length=len(data),
+            block_crc32=tuple(block_checksums(data, self.block_size, FAST_CHECKSUM)),
+            tiles=None if grid is None else tile_checksums(raw, sizes, itemsize, grid, checksum),
+        )
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         boxes: dict[str, list[SavedBox]] = defaultdict(list)
@@ -184,7 +197,9 @@ class SafetensorsShardWriter(StorageWriter):
                 boxes=tuple(sorted(boxes[name], key=lambda box: box.offsets)),
                 layout=self.layouts.get(name),
             )
-        index = CheckpointIndex(self.step, len(results), self.block_size, files, tensors)
+        index = CheckpointIndex(
+            self.step, len(results), self.block_size, files, tensors, checksum=FAST_CHECKSUM
+        )
         # index.json is written last: a directory with a valid index has all its shards.
         write_json_durably(self.directory / STATE_FILE, self.state)
         write_json_durably(self.directory / INDEX_FILE, index.to_json())
@@ -204,11 +219,14 @@ class VerifyingShardReader(StorageReader):
     raised, so every rank finishes DCP's collectives and the ranks can agree on falling back.
     """
 
-    def __init__(self, directory: Path, index: CheckpointIndex) -> None:
+    def __init__(self, directory: Path, index: CheckpointIndex, threads: int = 0) -> None:
         super().__init__()
         self.directory = directory
         self.index = index
+        self.threads = threads or default_threads()
         self.damage: str | None = None
+        self.bytes_read = 0
+        self._boxes = {(n, b.offsets): b for n, t in index.tensors.items() for b in t.boxes}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         pass
@@ -238,23 +256,28 @@ class VerifyingShardReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        with ShardFiles(self.directory, self.index) as files:
-            for item in plan.items:
-                assert item.type == LoadItemType.TENSOR, f"{item.dest_index.fqn} is not a tensor"
-                try:
-                    source = files.read_region(
-                        item.storage_index.fqn,
-                        tuple(item.storage_index.offset),
-                        tuple(item.storage_offsets),
-                        tuple(item.lengths),
-                    )
-                except CheckpointDamaged as err:
-                    self.damage = str(err)
-                    break
-                target = planner.resolve_tensor(item).detach()
-                with torch.no_grad():
-                    target.copy_(source)
-                planner.commit_tensor(item, target)
+        requests = []
+        for item in plan.items:
+            assert item.type == LoadItemType.TENSOR, f"{item.dest_index.fqn} is not a tensor"
+            name = item.storage_index.fqn
+            requests.append(
+                Request(
+                    name,
+                    self._boxes[(name, tuple(item.storage_index.offset))],
+                    tuple(item.storage_offsets),
+                    tuple(item.lengths),
+                    planner.resolve_tensor(item).detach(),
+                )
+            )
+        with ShardFiles(self.directory, self.index, self.threads) as files:
+            try:
+                files.read_into(requests)
+            except CheckpointDamaged as err:
+                self.damage = str(err)
+            self.bytes_read = files.bytes_read
+        if self.damage is None:
+            for item, request in zip(plan.items, requests):
+                planner.commit_tensor(item, request.target)
         future: Future[None] = Future()
         future.set_result(None)
         return future

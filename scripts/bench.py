@@ -28,6 +28,7 @@ BENCHMARKS = [
     ("snapshot", "bench_snapshot", "checkpoint stall, persist, snapshot throughput, recovery"),
     ("scaling", "bench_scaling", "checkpoint stall vs state size and vs ranks"),
     ("reshard", "bench_reshard", "same- vs cross-layout load, vs torch DCP"),
+    ("save", "bench_save", "non-blocking save stall vs dcp.async_save and memcpy"),
     ("ds_import", "bench_ds_import", "ckpt import vs DeepSpeed ds_to_universal"),
     ("throughput", "bench_throughput", "perennial train vs a bare PyTorch loop"),
     ("data", "bench_data", "data prepare 1 vs 2 processes, memory vs corpus size, shard loading"),

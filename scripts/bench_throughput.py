@@ -96,7 +96,8 @@ def _bare_in_subprocess(steps: int) -> list[float]:
 
 
 VARIANTS = {  # label -> extra `perennial train` overrides
-    "perennial": [],
+    "perennial": [],  # the default: non-blocking disk saves within checkpoint.save_budget
+    "perennial, no saves before the last step": ["checkpoint.save_budget=0"],
 }
 
 
@@ -135,10 +136,17 @@ def report(results: dict[str, list[float]], steps: int) -> str:
             f"{median / bare:.3f}x |"
         )
     ours = statistics.median(results["perennial"]) / bare
+    unsaved = statistics.median(results["perennial, no saves before the last step"])
+    cost = 1 - statistics.median(results["perennial"]) / unsaved
     lines += [
         "",
         f"Target: Perennial ≥ 0.95x the bare loop. Measured: {ours:.3f}x "
         f"({verdict(ours >= 0.95)}).",
+        "",
+        "Default protection (issue 16): `perennial` runs with the defaults, i.e. non-blocking "
+        "disk saves from step 10 on, as often as `checkpoint.save_budget=0.01` allows. Target: "
+        f"≤ 2% throughput cost vs no saves. Measured: {cost * 100:.1f}% "
+        f"({verdict(cost <= 0.02)}).",
     ]
     return "\n".join(lines)
 

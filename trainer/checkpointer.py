@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from checkpointing import CheckpointDamaged, CheckpointManager, Stacked, resolve_checkpoint
+from checkpointing import (
+    CheckpointDamaged,
+    CheckpointManager,
+    SaveCadence,
+    Stacked,
+    resolve_checkpoint,
+)
 from checkpointing.commit import is_checkpoint_dir
 from checkpointing.torch_dcp import is_dcp_dir, load_dcp_into, resolve_dcp
 from trainer.config import JobConfig
@@ -48,11 +54,19 @@ class Checkpointer:
     def rebuild_manager(self) -> None:
         """The manager, declaring the current (maybe grown) model's expert layouts."""
         ckpt = self.cfg.checkpoint
+        if getattr(self, "manager", None) is not None:
+            self.manager.wait()  # the pending save of the model before growth
         self.layouts = expert_layouts(self.cfg.model)
         self.manager = (
             CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
             if ckpt.enabled
             else None
+        )
+        # Non-blocking saves' cadence; persist_interval alone when save_budget=0 (or with
+        # memory snapshots, where the keeper persists and this cadence never runs).
+        budget = 0 if ckpt.memory_snapshots() else ckpt.save_budget
+        self.cadence = self.manager and SaveCadence(
+            self.manager, budget, max_interval=ckpt.persist_interval
         )
 
     # -- save -----------------------------------------------------------------------------
@@ -66,6 +80,7 @@ class Checkpointer:
         if self.snapshots.after_step():  # the keeper persists
             return
         due = self.state.step % self.cfg.checkpoint.persist_interval == 0
+        due = due or (self.cadence is not None and self.cadence.due(self.state.step))
         if due and self.state.step != self.last_saved_step:  # mid-run growth saves its own step
             self.save()
 
@@ -74,17 +89,24 @@ class Checkpointer:
             self.last_saved_step = self.state.step
         if self.state.step != self.last_saved_step:
             self.save(final=True)
+        if self.manager is not None:
+            self.manager.wait()  # a pending non-blocking save: committed, or its error raised
 
     def save(self, final: bool = False) -> None:
-        """A failed save (disk full) is a warning, not the end of training; the final one
+        """Save this step: non-blocking (the step pays the copy; the write, fsync and commit
+        run in the background), blocking when `final`. A failed save (disk full; a background
+        one is reported at the next save) is a warning, not the end of training; the final one
         raises (the caller's work would be lost)."""
         if self.manager is None:
             return
         tensors, optim_json = self.state.tensors()
         state = self.state
+        args = (state.step, tensors, state.global_state(optim_json), state.rank_state())
         try:
-            self.manager.save(state.step, tensors, state.global_state(optim_json),
-                              state.rank_state())
+            if final:
+                self.manager.save(*args)
+            else:
+                self.cadence.save(*args)
         except (OSError, RuntimeError) as err:
             if final:
                 raise

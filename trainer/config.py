@@ -88,6 +88,10 @@ class CheckpointConfig:
     """Checkpoint root; empty = <run.dir>/checkpoints."""
     persist_interval: int = 100
     """Steps between committed on-disk checkpoints (the last step is always committed)."""
+    save_budget: float = 0.01
+    """Without memory snapshots: also save to disk (non-blocking) between persist_interval
+    saves, as often as keeps their measured cost under this fraction of training time
+    (first at step 10); 0 = only every persist_interval steps."""
     keep: int = 3
     """Committed checkpoints kept on disk; older ones are deleted after a new commit."""
     interval: int = 0

@@ -136,6 +136,9 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.checkpoint.persist_interval <= 0 or cfg.checkpoint.keep <= 0:
         raise ValueError("checkpoint.persist_interval and checkpoint.keep must be > 0")
+    if not 0 <= cfg.checkpoint.save_budget < 1:
+        budget = cfg.checkpoint.save_budget
+        raise ValueError(f"checkpoint.save_budget must be in [0, 1), got {budget}")
     if cfg.init.from_ and not Path(cfg.init.from_).expanduser().exists():
         raise ValueError(f"init.from: {cfg.init.from_} does not exist")
     _validate_tp(cfg)

@@ -26,11 +26,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.distributed import run_distributed  # noqa: E402
-
 from checkpointing import CheckpointManager  # noqa: E402
 from scripts.bench_reshard import build_state  # noqa: E402
 from scripts.report import emit, fmt_seconds, machine_facts, median_spread, verdict  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
 
 
 def local_shards(tensors: dict) -> list[torch.Tensor]:

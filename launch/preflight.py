@@ -23,7 +23,8 @@ from checkpointing.format import STATE_FILE, read_json
 from checkpointing.snapshot.slots import SLOTS_PER_RANK
 from launch.keepers import shm_root_for
 from trainer.config_loader import validate_layout
-from trainer.data.packed import source_files
+from trainer.data.reading import resolve_raw_source
+from trainer.data.shards import is_prepared_dir
 from trainer.init_from import check_init_from
 
 SHM_DIR = Path("/dev/shm")
@@ -89,10 +90,14 @@ def check_data_files(data_cfg) -> None:
     """Every local data file is non-empty, and the first record of a JSON Lines or Parquet
     file holds the source's text column (what the workers would fail on, one by one)."""
     for i, source in enumerate(data_cfg.sources):
-        if source.path.startswith("stdlib:"):
+        path = os.path.expanduser(source.path)
+        if source.path.startswith("stdlib:") or (os.path.isdir(path) and is_prepared_dir(path)):
             continue
         key = f"data.sources[{i}]"
-        files = source_files(os.path.expanduser(source.path))
+        raw = resolve_raw_source(source.path)
+        if raw.kind != "files":  # save_to_disk and hf: datasets checks them (check_data)
+            continue
+        files = list(raw.files)
         for file in files:
             if os.path.getsize(file) == 0:
                 raise ValueError(f"{key}.path: {file} is empty")

@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
         count = export_safetensors(checkpoint, Path(args.out))
         print(f"exported {count} tensors from {checkpoint} to {args.out}")
         return 0
+    except BrokenPipeError:  # `ckpt inspect ... | head`: the reader has gone; so do we
+        raise
     except (ValueError, CheckpointDamaged, OSError) as err:
         print(f"ckpt {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """`perennial ckpt`: import foreign checkpoints, export Hugging Face directories.
 
     perennial ckpt import SRC OUT                 SRC: a Hugging Face model directory, a
-                                                  DeepSpeed ZeRO checkpoint or ds_to_universal dir
+                                                  DeepSpeed ZeRO checkpoint or ds_to_universal
+                                                  dir, or a torch DCP checkpoint (torchtitan)
     perennial ckpt export PATH OUT --format hf [--max-shard-size 5GB] [--dtype float32]
 
-Every other subcommand (inspect, verify, export --format safetensors) is checkpointing.cli's.
+One parser describes every subcommand (so `--help` shows them all); inspect, verify and export
+--format safetensors then run as checkpointing.cli's.
 User errors raise ValueError; `launch/cli.py` prints them on one line and exits non-zero.
 """
 
@@ -21,24 +23,50 @@ import torch
 from checkpointing import resolve_checkpoint
 from checkpointing.cli import main as checkpointing_main
 from checkpointing.deepspeed.files import is_universal_dir
-from launch.args import _Parser
+from checkpointing.torch_dcp import import_dcp_checkpoint, is_dcp_dir
+from trainer.args import Parser
 
-SourceKind = Literal["hf", "deepspeed", "perennial"]
+SourceKind = Literal["hf", "deepspeed", "dcp", "perennial"]
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _parser() -> Parser:
+    """Every `perennial ckpt` subcommand, so `--help` lists them all with all their flags."""
+    from trainer.model.hf_export import DEFAULT_MAX_SHARD_SIZE
+
+    parser = Parser(prog="perennial ckpt", description="Inspect, verify, export and import "
+                    "checkpoints. PATH: a checkpoint dir, checkpoint root or run dir.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="show step, layout and tensors")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("verify", help="check every shard and checksum").add_argument("path")
+    export = commands.add_parser("export", help="write the model as one safetensors file or a "
+                                 "Hugging Face directory")
+    export.add_argument("path", help="checkpoint dir, checkpoint root or run dir")
+    export.add_argument("out", help="file (safetensors) or directory (hf) to write; must not "
+                        "exist (an empty directory is fine for hf)")
+    export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
+    export.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="hf only")
+    export.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="float32",
+                        help="hf only")
+    imp = commands.add_parser("import",
+                              help="import a Hugging Face, DeepSpeed or torch DCP checkpoint")
+    imp.add_argument("src", help="a Hugging Face model dir, DeepSpeed checkpoint, "
+                     "ds_to_universal dir or torch DCP checkpoint (torchtitan)")
+    imp.add_argument("out", help="checkpoint root to create (must not exist or be empty)")
+    return parser
+
+
 def ckpt_command(argv: list[str]) -> int:
-    if argv[:1] == ["import"]:
-        return _import(argv[1:])
-    if argv[:1] == ["export"] and _wants_hf(argv[1:]):
-        return _export_hf(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "import":
+        return _import(args)
+    if args.command == "export" and args.format == "hf":
+        return _export_hf(args)
+    if args.command == "export" and Path(args.out).exists():
+        raise ValueError(f"{args.out} already exists; remove it or choose another file")
     return checkpointing_main(argv)
-
-
-def _wants_hf(argv: list[str]) -> bool:
-    return "--format=hf" in argv or any(
-        a == "--format" and b == "hf" for a, b in zip(argv, argv[1:])
-    )
 
 
 def detect_source_kind(path: str | os.PathLike) -> SourceKind:
@@ -48,6 +76,8 @@ def detect_source_kind(path: str | os.PathLike) -> SourceKind:
         raise ValueError(f"{path} is not a directory")
     if _is_deepspeed_dir(path):  # first: the HF check imports the model code (seconds)
         return "deepspeed"
+    if is_dcp_dir(path):
+        return "dcp"
     from trainer.model.hf_io import CONFIG_FILE, is_hf_dir
 
     if is_hf_dir(path):
@@ -85,16 +115,11 @@ def _import_deepspeed(src: Path, out: Path) -> Path:
 
 # Importers by source kind.
 IMPORTERS: dict[str, Callable[[Path, Path], Path]] = {
-    "hf": _import_hf, "deepspeed": _import_deepspeed,
+    "hf": _import_hf, "deepspeed": _import_deepspeed, "dcp": import_dcp_checkpoint,
 }
 
 
-def _import(argv: list[str]) -> int:
-    parser = _Parser(prog="perennial ckpt import", description="Import a foreign checkpoint.")
-    parser.add_argument("src", help="a Hugging Face model dir, DeepSpeed checkpoint or "
-                        "ds_to_universal dir")
-    parser.add_argument("out", help="checkpoint root to create (must not exist or be empty)")
-    args = parser.parse_args(argv)
+def _import(args) -> int:
     src, out = Path(args.src), Path(args.out)
     kind = detect_source_kind(src)
     if kind == "perennial":
@@ -108,16 +133,9 @@ def _import(argv: list[str]) -> int:
     return 0
 
 
-def _export_hf(argv: list[str]) -> int:
-    from trainer.model.hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
+def _export_hf(args) -> int:
+    from trainer.model.hf_export import export_hf
 
-    parser = _Parser(prog="perennial ckpt export", description="Export a Hugging Face model.")
-    parser.add_argument("path", help="checkpoint dir, checkpoint root or run dir")
-    parser.add_argument("out", help="directory to write (must not exist or be empty)")
-    parser.add_argument("--format", choices=["hf"], required=True)
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
-    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="float32")
-    args = parser.parse_args(argv)
     report = export_hf(args.path, args.out, args.max_shard_size, EXPORT_DTYPES[args.dtype])
     files = ", ".join(report.weight_files)
     print(f"exported {report.checkpoint} to {report.out} as Hugging Face {args.dtype}: {files}")

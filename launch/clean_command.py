@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import shutil
 
-from launch.args import _Parser
 from launch.keepers import SHM_BASE, job_id, keeper_alive
+from trainer.args import Parser
 
 
 def clean_command(argv: list[str]) -> int:
-    parser = _Parser(prog="perennial clean", description=__doc__.splitlines()[0])
+    parser = Parser(prog="perennial clean", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="the run directory whose memory snapshots to free")
     args = parser.parse_args(argv)
     found = sorted(SHM_BASE.glob(f"{job_id(args.run_dir)}*")) if SHM_BASE.is_dir() else []

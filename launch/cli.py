@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 
-from launch.args import UsageError, one_line
+from trainer.args import UsageError, one_line
 
-USAGE = """usage: perennial COMMAND ...
+USAGE = """usage: perennial COMMAND ...   (COMMAND --help: its flags)
 
 commands:
-  train [CONFIG] [key=value ...] [--nproc N] [--max-restarts K] [--dry-run]
-  ckpt {inspect,verify,export} PATH ...
+  train [CONFIG] [key=value ...] [--nproc N] [--max-restarts K] [--dry-run] [--verbose]
+  config [CONFIG] [key=value ...]   every config key: its value, default and meaning
+  ckpt {inspect,verify,export,import} PATH ...
+  grow {upcycle,stack} SRC OUT ...
   schedule [CONFIG] [key=value ...] [--plot OUT.png]
   slurm [CONFIG] [key=value ...] --nodes N --gpus-per-node G [--submit]
   clean RUN_DIR    free the memory snapshots a killed run left in /dev/shm
 """
+COMMANDS = {
+    "train": ("launch.train_command", "train_command"),
+    "config": ("launch.config_command", "config_command"),
+    "ckpt": ("launch.ckpt_command", "ckpt_command"),
+    "grow": ("launch.grow_command", "grow_command"),
+    "schedule": ("launch.schedule_command", "schedule_command"),
+    "slurm": ("launch.slurm", "slurm_command"),
+    "clean": ("launch.clean_command", "clean_command"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,35 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
-        if command == "train":
-            from launch.train_command import train_command
-
-            return train_command(rest)
-        if command == "ckpt":
-            from launch.ckpt_command import ckpt_command as ckpt_main
-
-            return ckpt_main(rest)
-        if command == "schedule":
-            from launch.schedule_command import schedule_command
-
-            return schedule_command(rest)
-        if command == "slurm":
-            from launch.slurm import slurm_command
-
-            return slurm_command(rest)
-        if command == "clean":
-            from launch.clean_command import clean_command
-
-            return clean_command(rest)
-        if command == "grow":
-            from launch.grow_command import grow_command
-
-            return grow_command(rest)
+        return _dispatch(command, rest)
     except (UsageError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    print(f"error: unknown command {command!r} (commands: train, ckpt, schedule)", file=sys.stderr)
-    return 2
+    except BrokenPipeError:  # `perennial ckpt inspect ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(command: str, rest: list[str]) -> int:
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+    module, function = COMMANDS[command]  # imported on use: each command's imports are heavy
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.args import UsageError
+from trainer.args import Parser
 from trainer.growth import stack, upcycle
 from trainer.growth.stack import METHODS
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="perennial grow")
+    parser = Parser(prog="perennial grow")
     commands = parser.add_subparsers(dest="kind", required=True)
     up = commands.add_parser("upcycle", help="dense -> MoE: every expert a copy of the MLP")
     _add_paths(up)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from checkpointing.snapshot.keeper import KEEPER_PID_FILE
-from launch.spawn import free_port
+from trainer.distributed import free_port
 from trainer.lifetime import preexec_die_with
 from trainer.run_identity import read_run_id
 

@@ -10,13 +10,21 @@ checks the exact size again when the workers register their slots.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+
+from checkpointing import resolve_checkpoint
+from checkpointing.format import STATE_FILE, read_json
 from checkpointing.snapshot.slots import SLOTS_PER_RANK
 from launch.keepers import shm_root_for
 from trainer.config_loader import validate_layout
+from trainer.data.packed import source_files
+from trainer.init_from import check_init_from
 
 SHM_DIR = Path("/dev/shm")
 GIB = 2**30
@@ -26,6 +34,10 @@ BYTES_PER_PARAM = 3 * 4  # fp32 weight, exp_avg, exp_avg_sq
 def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
     check_world_size(cfg, nproc, nnodes)
     check_run_dir_writable(cfg.run.dir)
+    if cfg.init.from_:
+        check_init_from(cfg.init.from_)
+    check_data_files(cfg.data)
+    check_resume_model(cfg)
     if rdzv_endpoint:
         check_rendezvous_port(rdzv_endpoint)
     if cfg.checkpoint.memory_snapshots():
@@ -60,6 +72,75 @@ def check_run_dir_writable(run_dir: str | os.PathLike) -> None:
             f"run.dir {run_dir} is not writable ({reason}); choose another run.dir or fix "
             f"its permissions"
         ) from None
+
+
+def check_data_files(data_cfg) -> None:
+    """Every local data file is non-empty, and the first record of a JSON Lines or Parquet
+    file holds the source's text column (what the workers would fail on, one by one)."""
+    for i, source in enumerate(data_cfg.sources):
+        if source.path.startswith("stdlib:"):
+            continue
+        key = f"data.sources[{i}]"
+        files = source_files(os.path.expanduser(source.path))
+        for file in files:
+            if os.path.getsize(file) == 0:
+                raise ValueError(f"{key}.path: {file} is empty")
+        columns = first_record_columns(files[0])
+        if columns is not None and source.text_column not in columns:
+            raise ValueError(
+                f"{key}: no column {source.text_column!r} in {files[0]} (columns: "
+                f"{sorted(columns)}); set {key}.text_column"
+            )
+
+
+def first_record_columns(file: str) -> list[str] | None:
+    """Column names of a .jsonl/.parquet file's first record; None for other formats."""
+    if file.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(file).names
+    if not file.endswith(".jsonl"):
+        return None  # .txt has no columns; a .json file may be one array or JSON Lines
+    with open(file, encoding="utf-8", errors="replace") as fh:
+        line = next((line for line in fh if line.strip()), None)
+    if line is None:
+        raise ValueError(f"{file} holds no records (only blank lines)")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: the first record is not JSON ({err})") from None
+    return list(record) if isinstance(record, dict) else []
+
+
+def check_resume_model(cfg) -> None:
+    """A run that resumes must describe the model its newest checkpoint holds."""
+    if not cfg.checkpoint.enabled or cfg.grow.at_step:  # growth changes the model mid-run
+        return
+    try:
+        checkpoint = resolve_checkpoint(cfg.checkpoint.dir)
+        state = read_json(checkpoint / STATE_FILE)["global_state"]
+        saved = yaml.safe_load(state["config"])["model"]
+    except (ValueError, KeyError, TypeError):
+        return  # nothing to resume, or the restore reports what is wrong with it
+    ours = OmegaConf.to_container(OmegaConf.structured(cfg.model))
+    diffs = [f"model.{key} is {theirs!r} there, {mine!r} now"
+             for key, theirs, mine in _differences(saved, ours)
+             if not (key == "vocab_size" and mine == 0)]  # 0: set from the tokenizer later
+    if diffs:
+        raise ValueError(
+            f"run.dir {cfg.run.dir} resumes {checkpoint} (step {state.get('step')}), whose model "
+            f"differs: {'; '.join(diffs)}. Drop those model.* changes to resume, or start a new "
+            f"run.dir with init.from={cfg.run.dir}"
+        )
+
+
+def _differences(saved: dict, ours: dict, prefix: str = ""):
+    for key, mine in ours.items():
+        theirs = saved.get(key, mine)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            yield from _differences(theirs, mine, f"{prefix}{key}.")
+        elif theirs != mine:
+            yield f"{prefix}{key}", theirs, mine
 
 
 def check_rendezvous_port(endpoint: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.args import parse_job_args
+from trainer.args import parse_job_args
 from trainer.config_loader import load_config
 from trainer.schedule import build_schedule, describe_schedule, plot_schedule
 

@@ -28,8 +28,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from launch.args import parse_job_args
 from launch.preflight import check_run_dir_writable, check_world_size
+from trainer.args import parse_job_args
 from trainer.config_loader import load_config
 from trainer.health import validate_hang_timeout
 

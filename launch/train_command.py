@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.args import parse_job_args
 from launch.keepers import KeeperGroup, remove_other_runs_memory
 from launch.preflight import preflight
-from trainer.config_loader import load_config, to_yaml, validate_layout
+from launch.torchrun import ENV_VERBOSE
+from trainer.args import parse_job_args
+from trainer.config_loader import ENV_CONFIG_NOTED, load_config, to_yaml, validate_layout
 from trainer.lifetime import preexec_die_with
 from trainer.run_identity import ensure_run_id
 from trainer.run_lock import ENV_FRESH, ENV_LOCK_HELD, lock_unless_held
@@ -26,6 +27,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nnodes", default="1", help="nodes (torchrun syntax, e.g. 2 or 1:4)")
     parser.add_argument("--rdzv-endpoint", default="", help="host:port of the c10d rendezvous")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep torchrun's own logs and failure report")
     parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SLURM_NODEID", 0)),
                         help="this node's index among --nnodes (default $SLURM_NODEID or 0)")
     parser.add_argument("--keeper-port", type=int, default=0,
@@ -33,8 +36,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keeper-peer", default="",
                         help="host:port of the next node's keeper (checkpoint.replicas=1), or "
                              "'slurm': the next node of $SLURM_JOB_NODELIST at --keeper-port")
-    parser.add_argument("--simulated-nodes", type=int, default=1,
-                        help="run K keepers here, each owning nproc/K ranks (for tests)")
+    # For tests, out of the help: K keepers here, each owning nproc/K ranks.
+    parser.add_argument("--simulated-nodes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--fresh", action="store_true",
                         help="start from scratch when the run's memory or disk state cannot be "
                              "used (without it such a run stops and says why)")
@@ -46,7 +49,12 @@ def train_command(argv: list[str]) -> int:
     if flags.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {flags.nproc}")
     cfg = load_config(args.config, args.overrides)
+    os.environ[ENV_CONFIG_NOTED] = "1"  # its warnings are printed: the workers stay quiet
     validate_layout(cfg, flags.nproc * _min_nodes(flags.nnodes))
+    cores = len(os.sched_getaffinity(0))
+    if flags.nproc > cores:
+        print(f"warning: --nproc {flags.nproc} exceeds the {cores} CPU cores this process may "
+              "use; the workers will compete for them", file=sys.stderr)
     if flags.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -95,7 +103,8 @@ def _min_nodes(nnodes: str) -> int:
 
 
 def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(flags.nproc)]
+    # torchrun itself (torch.distributed.run), reporting a failed worker on one line
+    cmd = [sys.executable, "-m", "launch.torchrun", "--nproc-per-node", str(flags.nproc)]
     cmd += ["--max-restarts", str(flags.max_restarts)]
     if flags.nnodes == "1" and not flags.rdzv_endpoint:
         cmd += ["--standalone"]
@@ -113,6 +122,8 @@ TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 def _run_torchrun(flags, worker_argv: list[str]) -> int:
     env = {**os.environ, **TORCHRUN_ENV}
+    if flags.verbose:
+        env[ENV_VERBOSE] = "1"
     # torchrun dies with this launcher, and its workers with it (trainer/lifetime.py).
     proc = subprocess.Popen(torchrun_command(flags, worker_argv), env=env,
                             preexec_fn=preexec_die_with(os.getpid(), signal.SIGKILL))
@@ -133,9 +144,4 @@ def _run_torchrun(flags, worker_argv: list[str]) -> int:
         print(f"perennial: stopped by SIGTERM (exit code {PREEMPTED_EXIT_CODE}: requeue to "
               "resume from the final checkpoint)", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    if code != 0:
-        print(
-            f"error: training failed (torchrun exit code {code}); see the worker output above",
-            file=sys.stderr,
-        )
-    return code
+    return code  # launch/torchrun.py has reported a failure on one line

@@ -29,9 +29,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpointing import CheckpointManager, model_tensors, optimizer_tensors  # noqa: E402
-from launch.spawn import run_distributed  # noqa: E402
 from scripts.bench_reshard_deepspeed import deepspeed_reshard_seconds  # noqa: E402
 from scripts.report import emit, fmt_seconds, machine_facts, median_spread, verdict  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
 
 
 def build_state(width: int, depth: int, layout: str):

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from launch.spawn import run_distributed  # noqa: E402
 from scripts import bench_scaling_jobs as jobs  # noqa: E402
 from scripts.bench_snapshot import Keeper, StallBench, build_state, nbytes, timed  # noqa: E402
 from scripts.report import REPO, emit, fmt_ms, machine_facts, median_spread  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
 
 MIB = 1 << 20
 WIDTH = {False: 2048, True: 512}  # Linear(WIDTH, WIDTH): 12 bytes of state per weight

@@ -21,10 +21,10 @@ import torch.distributed.checkpoint as dcp
 
 from checkpointing import CheckpointManager
 from checkpointing.snapshot import SnapshotEngine
-from launch.spawn import run_distributed
 from scripts.bench_reshard import build_state, timed
 from scripts.bench_snapshot import KeeperProcess
 from scripts.report import fmt_ms, median_spread
+from tests.distributed import run_distributed
 
 MIB = 1 << 20
 WORLD_SIZES = (1, 2, 4)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpointing.snapshot import SnapshotEngine  # noqa: E402
 from checkpointing.snapshot.persist import copy_durably  # noqa: E402
 from launch.keepers import SHM_BASE, _wait_listening  # noqa: E402
-from launch.spawn import free_port  # noqa: E402
 from scripts import bench_snapshot_jobs as jobs  # noqa: E402
 from scripts.bench_snapshot_report import report  # noqa: E402
 from scripts.report import REPO, replace_section  # noqa: E402
+from trainer.distributed import free_port  # noqa: E402
 
 MIB = 1 << 20
 SIZES = {False: dict(width=4096, depth=6, repeats=3), True: dict(width=256, depth=4, repeats=3)}

@@ -120,7 +120,7 @@ class TimedRun:
     def kill_worker(self) -> float:
         workers = [p for p in psutil.Process(self.proc.pid).children(recursive=True)
                    if "-m trainer" in " ".join(p.cmdline())
-                   and "torch.distributed.run" not in " ".join(p.cmdline())]
+                   and "-m launch.torchrun" not in " ".join(p.cmdline())]
         killed_at = time.monotonic()
         min(workers, key=lambda p: p.pid).send_signal(signal.SIGKILL)
         return killed_at

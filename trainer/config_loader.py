@@ -5,21 +5,28 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from trainer.config import JobConfig
+from trainer.init_from import adopt_init_model
 
 # Config keys that are Python keywords live under another attribute name.
 _KEYWORD_KEYS = {"init.from": "init.from_"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+ENV_CONFIG_NOTED = "PERENNIAL_CONFIG_NOTED"
+"""Set by the launcher once it has printed the config's warnings; its workers stay quiet."""
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
     """The default job, then the YAML file at `path`, then `key=value` overrides, resolved
-    and validated (world-size checks come later, in `validate_layout`)."""
+    and validated (world-size checks come later, in `validate_layout`). Values adjusted to
+    fit (a warmup longer than a short run) are reported once, as warnings on stderr."""
     merged = OmegaConf.structured(JobConfig)
     try:
         if path is not None:
@@ -30,8 +37,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         cfg: JobConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(_describe(err)) from None
-    resolve_defaults(cfg)
+    notes = resolve_defaults(cfg)
     validate(cfg)
+    adopted = adopt_init_model(cfg)  # after validate: init.from exists
+    if adopted:
+        validate(cfg)  # the adopted model against the rest (seq_len, tp)
+    notes += adopted
+    if not os.environ.get(ENV_CONFIG_NOTED) and os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     return cfg
 
 
@@ -71,19 +85,25 @@ def _describe(err: OmegaConfBaseException) -> str:
     for public, internal in _KEYWORD_KEYS.items():
         key = key.replace(internal, public)
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        return f"unknown config key {key!r}"
+        from trainer.config_doc import closest_key
+
+        guess = closest_key(key)
+        hint = f"; did you mean {guess}?" if guess else "; `perennial config` lists every key"
+        return f"unknown config key {key!r}{hint}"
     message = str(err).splitlines()[0]
     return f"config key {key!r}: {message}" if key else f"config: {message}"
 
 
-def resolve_defaults(cfg: JobConfig) -> None:
-    """Fill values that default to other values."""
+def resolve_defaults(cfg: JobConfig) -> list[str]:
+    """Fill values that default to other values; fit the schedule's phases to its length.
+    Returns what was adjusted, one line each."""
     if cfg.schedule.total_steps is None:
         cfg.schedule.total_steps = cfg.train.max_steps
     if not cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(Path(cfg.run.dir) / "checkpoints")
     if not cfg.run.name:
         cfg.run.name = Path(cfg.run.dir).name
+    return cfg.schedule.fit_to_length()
 
 
 def validate(cfg: JobConfig) -> None:
@@ -185,20 +205,29 @@ def to_yaml(cfg: JobConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(container))
 
 
-def save_config(cfg: JobConfig, run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+CONFIG_HISTORY = "config-history"
 
 
-def save_config_or_warn(cfg: JobConfig, run_dir: str | os.PathLike) -> bool:
+def save_config(cfg: JobConfig, run_dir: str | os.PathLike, step: int = 0) -> Path:
+    """`<run_dir>/config.yaml`, and a copy per start of the run in `config-history/`
+    (`<UTC time, µs>-step<N>.yaml`, N = the step it started from)."""
+    text = to_yaml(cfg)
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 10**6:06d}Z"
+    history = Path(run_dir) / CONFIG_HISTORY / f"{stamp}-step{step}.yaml"
+    for path in (history, Path(run_dir) / "config.yaml"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return Path(run_dir) / "config.yaml"
+
+
+def save_config_or_warn(cfg: JobConfig, run_dir: str | os.PathLike, step: int = 0) -> bool:
     """save_config, or a warning when the disk refuses (full): training needs no config.yaml
     to go on, every checkpoint holds the config too. Returns whether it was written."""
     try:
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, step)
         return True
     except OSError as err:
         print(f"warning: cannot write {Path(run_dir) / 'config.yaml'} ({err.strerror or err}); "

@@ -28,7 +28,7 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 600) -> Dis
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
@@ -44,6 +44,12 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 600) -> Dis
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
+def say(message: str) -> None:
+    """A status line on rank 0's stderr (the other ranks would repeat it)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
 def exit_skipping_teardown(code: int) -> NoReturn:
     """End a worker process after `destroy_process_group`, skipping interpreter finalization:
     gloo's worker threads can still hold tensors then, and tearing those down during
@@ -54,7 +60,7 @@ def exit_skipping_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

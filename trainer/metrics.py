@@ -1,5 +1,8 @@
 """Step metrics: one line per logged step on rank 0, `metrics.jsonl`, optional W&B.
 
+Each line says where the run is (`step 120/300`, elapsed, ETA) and its throughput smoothed over
+the last few logged intervals (the first interval after a start, which pays for warm-up, leaves
+the window as soon as another is there); `metrics.jsonl` keeps the raw interval value too.
 On GPUs it adds MFU and memory (torch.cuda peak allocation, NVML device memory); on CPU those
 fields are absent rather than made up.
 """
@@ -11,9 +14,12 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
+
+from trainer.wandb_log import flatten, last_step_held, start_wandb
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets), for MFU.
 _PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -52,42 +58,54 @@ MAX_PENDING_LINES = 100_000
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites stay unconditional."""
 
-    def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config_dict=None):
+    def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config_dict=None,
+                 max_steps: int | None = None, run_name: str = ""):
         self.enabled = enabled
+        self.run_dir = run_dir
+        self.max_steps = max_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.pending: list[str] = []
         self.retries: list = []
         self.write_failing = False
         self.wandb_run = None
+        self.wandb_holds_through = 0
         if enabled and wandb_cfg is not None and wandb_cfg.wandb:
-            self.wandb_run = _start_wandb(run_dir, wandb_cfg.wandb_project, config_dict)
+            name = run_name or Path(run_dir).name
+            self.wandb_run = start_wandb(run_dir, name, wandb_cfg.wandb_project, config_dict)
 
     def truncate_after(self, step: int) -> None:
         """After a resume from `step`, drop lines the crashed run logged past it, so the file
-        holds one line per step of the continued run. Cutting off the end needs no free space."""
-        if not self.enabled or not self.path.exists():
+        holds one line per step of the continued run; W&B gets the steps up to `step` it lacks
+        (trainer/wandb_log.py). Cutting off the end needs no free space."""
+        if not self.enabled:
             return
-        text = self.path.read_text()
-        kept = "".join(
-            line + "\n" for line in text.splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        )
+        text = self.path.read_text() if self.path.exists() else ""
+        kept_lines = [line for line in text.splitlines()
+                      if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = "".join(line + "\n" for line in kept_lines)
         try:
             if text.startswith(kept):
-                os.truncate(self.path, len(kept.encode()))
+                if self.path.exists():
+                    os.truncate(self.path, len(kept.encode()))
             else:
                 self.path.write_text(kept)
         except OSError as err:
             print(f"warning: cannot rewrite {self.path} ({err.strerror or err})",
                   file=sys.stderr, flush=True)
+        if self.wandb_run is not None:
+            held = last_step_held(self.wandb_run, self.run_dir)
+            for record in map(json.loads, kept_lines):
+                if record["step"] > held:
+                    self.wandb_run.log(flatten(record), step=record["step"])
+            self.wandb_holds_through = max(held, step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         self._append(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(_flatten(record), step=record["step"])
-        print(format_line(record), file=sys.stdout, flush=True)
+        if self.wandb_run is not None and record["step"] > self.wandb_holds_through:
+            self.wandb_run.log(flatten(record), step=record["step"])
+        print(format_line(record, self.max_steps), file=sys.stdout, flush=True)
 
     def _append(self, line: str) -> None:
         """A full disk must not stop training: a failed write is a warning and the lines are
@@ -130,27 +148,11 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def _start_wandb(run_dir: str, project: str, config_dict):
-    import wandb
-
-    mode = os.environ.get("WANDB_MODE", "offline")
-    return wandb.init(
-        project=project, name=Path(run_dir).name, dir=run_dir, mode=mode, config=config_dict
-    )
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def format_line(record: dict) -> str:
-    parts = [f"step {record['step']:>6}"]
+def format_line(record: dict, max_steps: int | None = None) -> str:
+    total = f"/{max_steps}" if max_steps else ""
+    parts = [f"step {record['step']:>6}{total}"]
+    record = {**record, "tokens_per_s": record.get("tokens_per_s_smooth",
+                                                   record.get("tokens_per_s"))}
     formats = {
         "loss": "loss {:.4f}",
         "lr": "lr {:.2e}",
@@ -164,13 +166,31 @@ def format_line(record: dict) -> str:
             parts.append(fmt.format(record[key]))
     for name, value in (record.get("eval_loss") or {}).items():
         parts.append(f"eval[{name}] {value:.4f}")
+    for key, label in (("elapsed_s", "elapsed"), ("eta_s", "eta")):
+        if record.get(key) is not None:
+            parts.append(f"{label} {duration(record[key])}")
     return "  ".join(parts)
 
 
-class Throughput:
-    """Tokens/s and MFU between two logged steps."""
+def duration(seconds: float) -> str:
+    """1h02m, 3m07s, 42s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
-    def __init__(self, flops_per_token: float, world_size: int, device: torch.device):
+
+class Throughput:
+    """Tokens/s (per interval between logged steps, and smoothed), MFU, elapsed time and ETA."""
+
+    WINDOW = 5
+    """Logged intervals the smoothed tokens/s and the ETA average over."""
+
+    def __init__(self, flops_per_token: float, world_size: int, device: torch.device,
+                 max_steps: int = 0):
+        self.max_steps = max_steps
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.device = device
@@ -181,20 +201,33 @@ class Throughput:
         self.reset()
 
     def reset(self) -> None:
-        self.start = time.perf_counter()
-        self.tokens = 0
+        """At the start of a run (and after a resume): the clock and the window restart."""
+        self.started = self.start = time.perf_counter()
+        self.tokens = self.steps = 0
+        self.window: deque[tuple[int, int, float]] = deque(maxlen=self.WINDOW)
+        self.warming_up = True
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
+        self.steps += 1
 
-    def measure(self) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+    def measure(self, step: int | None = None) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
         tokens_per_s = self.tokens / elapsed
-        out = {"tokens_per_s": tokens_per_s}
+        if self.warming_up and self.window:  # the first interval paid for warm-up: drop it
+            self.window.clear()
+            self.warming_up = False
+        self.window.append((self.tokens, self.steps, elapsed))
+        tokens, steps, seconds = (sum(column) for column in zip(*self.window))
+        out = {"tokens_per_s": tokens_per_s, "tokens_per_s_smooth": tokens / seconds,
+               "elapsed_s": now - self.started}
+        if step is not None and self.max_steps and steps:
+            out["eta_s"] = max(self.max_steps - step, 0) * seconds / steps
         if self.peak is not None:
             out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world_size)
         if self.device.type == "cuda":
             out["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out["nvml_memory_gib"] = self.nvml.used_gib()
-        self.reset()
+        self.start, self.tokens, self.steps = now, 0, 0
         return out

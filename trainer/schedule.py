@@ -117,7 +117,31 @@ class ScheduleConfig:
         ]
         relevant = RELEVANT_FIELDS[self.name]
         if problems := [message for key, ok, message in checks if key in relevant and not ok]:
-            raise ValueError("invalid LR schedule:\n  " + "\n  ".join(problems))
+            raise ValueError("invalid LR schedule: " + "; ".join(problems))
+
+    def fit_to_length(self) -> list[str]:
+        """Shorten the warmup (and the infinite schedule's cooldown and the anneal) to fit
+        total_steps, as torchtitan clamps its warmup, so `train.max_steps=4` just runs; returns
+        one warning per value changed. Values no length can fix stay for `validate` to refuse."""
+        t, notes = self.total_steps, []
+        if t is None or t < 1 or not all(getattr(self, k) >= 0 for k in _NON_NEGATIVE):
+            return notes
+        fits = t - 1
+        if self.name == "wsd" and 0 < self.decay_fraction <= 1:
+            fits = min(fits, math.floor(t * (1 - self.decay_fraction)))
+        self._clamp("warmup_steps", max(fits, 0), notes)
+        if self.name in ("infinite", "power"):
+            self._clamp("anneal_steps", t - self.warmup_steps, notes)
+        if self.name == "infinite":
+            self._clamp("cooldown_steps", t - self.warmup_steps - self.anneal_steps, notes)
+        return notes
+
+    def _clamp(self, key: str, most: int, notes: list[str]) -> None:
+        value = getattr(self, key)
+        if value > most:
+            setattr(self, key, most)
+            notes.append(f"schedule.{key} ({value}) lowered to {most} to fit "
+                         f"schedule.total_steps ({self.total_steps})")
 
 
 ConfigLike = ScheduleConfig | DictConfig | Mapping[str, Any]

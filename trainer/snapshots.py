@@ -2,8 +2,9 @@
 `checkpoint.interval` steps, let the keeper persist every `checkpoint.persist_interval` steps,
 restore from whichever tier is newest, and turn SIGTERM into a final save at a step boundary.
 
-Hooks: TrainState calls `restore`, `after_step` and `finish`; Trainer.train_step calls
-`before_optimizer_step`. The keeper is found through the environment `perennial train` sets.
+Snapshots receives the `TrainState` and reads it; `Checkpointer` calls `restore`, `preempted`,
+`after_step` and `finish`; Trainer.train_step calls `before_optimizer_step`. The keeper is found
+through the environment `perennial train` sets.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import torch.distributed as dist
 from checkpointing import LoadResult, collectives, find_loadable
 from checkpointing.model_state import OptimizerValues
 from checkpointing.snapshot import SnapshotEngine, faults
-from trainer.distributed import rng_state
+from trainer.distributed import say
 
 if TYPE_CHECKING:
+    from checkpointing import Stacked
+    from trainer.config import CheckpointConfig
     from trainer.state import TrainState
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: state is saved, requeue the job
@@ -35,15 +38,17 @@ ENV_RUN_ID = "PERENNIAL_RUN_ID"
 
 
 class Preempted(SystemExit):
+    CODE = PREEMPTED_EXIT_CODE
+
     def __init__(self) -> None:
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
 class Snapshots:
-    def __init__(self, state: TrainState):
+    def __init__(self, state: TrainState, cfg: CheckpointConfig, layouts: list[Stacked]):
         self.state = state
-        self.cfg = state.cfg.checkpoint
-        self.device = state.trainer.dist.device
+        self.cfg = cfg
+        self.layouts = layouts
         self.sigterm = False
         self.reported_error: str | None = None
         self._tensors: dict[str, torch.Tensor] | None = None
@@ -60,8 +65,8 @@ class Snapshots:
         if not self.cfg.memory_snapshots():
             return None
         if ENV_KEEPERS not in os.environ:
-            self.state._say(f"checkpoint.interval={self.cfg.interval} needs the keeper that "
-                            "`perennial train` starts; memory snapshots are off")
+            say(f"checkpoint.interval={self.cfg.interval} needs the keeper that "
+                "`perennial train` starts; memory snapshots are off")
             return None
         keepers = os.environ[ENV_KEEPERS].split(",")
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -69,8 +74,7 @@ class Snapshots:
         position = local_rank * len(keepers) // local_world  # simulated nodes split the ranks
         node_index = int(os.environ.get(ENV_NODE_INDEX, 0)) + position
         return SnapshotEngine(keepers[position], os.environ[ENV_SHM_ROOT], node_index,
-                              layouts=self.state.layouts,
-                              run_id=os.environ.get(ENV_RUN_ID, ""))
+                              layouts=self.layouts, run_id=os.environ.get(ENV_RUN_ID, ""))
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True
@@ -97,7 +101,6 @@ class Snapshots:
 
     def after_step(self) -> bool:
         """Snapshot when due. True when the keeper persists (the trainer skips its own save)."""
-        self._stop_if_preempted()
         if self.engine is None:
             return False
         step = self.state.step
@@ -105,31 +108,31 @@ class Snapshots:
         if step % self.cfg.interval == 0 or persist:
             tensors, optim_json = self._live_state()
             global_state = self.state.global_state(optim_json)
-            rank_state = {"rng": rng_state(self.device)}
-            self.engine.snapshot(step, tensors, global_state, rank_state, persist)
+            self.engine.snapshot(step, tensors, global_state, self.state.rank_state(), persist)
             if self.engine.disabled:  # could not map its memory: disk checkpoints from now on
                 self.engine.close()
                 self.engine = None
                 return False
             self._report_persist_errors()
-        rank = self.state.trainer.dist.rank
+        rank = self.state.dist.rank
         faults.maybe_pause("step", step, f"rank {rank} after step {step}", rank)
         return True
 
     def _live_state(self) -> tuple[dict, dict]:
         """The tensors to copy (the live parameters and optimizer state, the same objects every
         step, so gathered once) and this step's optimizer JSON entries."""
-        trainer = self.state.trainer
-        assert trainer.deepspeed is None, "config validation refuses snapshots under DeepSpeed"
+        state = self.state
+        assert state.deepspeed is None, "config validation refuses snapshots under DeepSpeed"
         if self._tensors is None:
-            self._tensors = self.state.tensors()[0]
-            self._optimizer_values = OptimizerValues(trainer.model, trainer.optimizer)
+            self._tensors = state.tensors()[0]
+            self._optimizer_values = OptimizerValues(state.model, state.optimizer)
         return self._tensors, self._optimizer_values()
 
-    def finish(self) -> None:
-        """Before the final save: let the keeper finish; skip the save if it committed it."""
+    def finish(self) -> bool:
+        """Before the final save: let the keeper finish. True (on every rank) when it committed
+        this step, so the trainer's own save is skipped."""
         if self.engine is None:
-            return
+            return False
         try:
             status = self.engine.drain()
         except (OSError, RuntimeError) as err:
@@ -138,23 +141,19 @@ class Snapshots:
                   f"{self.state.step} to disk directly", file=sys.stderr, flush=True)
             status = {}
         persisted = status.get("persisted_step") == self.state.step
-        if not collectives.agree_on_problem(None if persisted else "not persisted", None):
-            self.state.last_saved_step = self.state.step
+        all_persisted = not collectives.agree_on_problem(None if persisted else "not persisted",
+                                                         None)
         self.engine.close()
         self.engine = None
+        return all_persisted
 
     # -- preemption and status ----------------------------------------------------------
-    def _stop_if_preempted(self) -> None:
+    def preempted(self) -> bool:
+        """Whether any rank got SIGTERM (collective: every rank calls it after every step)."""
         flag = torch.tensor([int(self.sigterm)])
         if collectives.is_distributed(None):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
-            return
-        self.state._say(f"SIGTERM: saving step {self.state.step} before exiting "
-                        f"(exit code {PREEMPTED_EXIT_CODE}: requeue)")
-        self.finish()
-        self.state.save_final()
-        raise Preempted()
+        return bool(flag.item())
 
     def counters(self) -> dict:
         """For the step's metrics: snapshots skipped and time waited for a free slot."""

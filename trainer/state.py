@@ -1,70 +1,68 @@
-"""Everything a bitwise resume needs, and its trip through the checkpoint layer.
+"""The training state: the one object that owns everything a bitwise resume needs.
 
-The trainer owns: model and optimizer tensors (keyed by the plain model's parameter names),
-the schedule's parameters, the data stream's global cursor, per-rank RNG states and progress
-(step, tokens, phase). `checkpointing` saves and reshards them; it knows nothing of the trainer.
+`TrainState` holds the model and optimizer (keyed by the plain model's parameter names), the
+schedule, the data stream (its global cursor), the per-rank RNG and the progress (step, tokens,
+schedule offset, phase). The Trainer builds the parts and steps them; `Checkpointer` and
+`Snapshots` (trainer/checkpointer.py, trainer/snapshots.py) receive this object and move it
+through the checkpoint layer. None of them calls another's private methods.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from checkpointing import (
-    CheckpointDamaged,
-    CheckpointManager,
+    LoadResult,
     apply_model_tensors,
     apply_optimizer_tensors,
     model_tensors,
     optimizer_tensors,
-    resolve_checkpoint,
 )
-from checkpointing.commit import is_checkpoint_dir
-from trainer.config_loader import to_yaml
-from trainer.distributed import rng_state, seed_rng, set_rng_state
-from trainer.model.moe import expert_layouts
-from trainer.run_lock import ENV_FRESH
-from trainer.snapshots import Snapshots
-
-if TYPE_CHECKING:
-    from trainer.train import Trainer
+from trainer.distributed import DistInfo, rng_state, seed_rng, set_rng_state
 
 
+@dataclass
 class TrainState:
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.cfg = trainer.cfg
-        self.step = 0
-        self.tokens_seen = 0
-        self.schedule_offset = 0
-        """Steps of an earlier phase whose schedule this run continues (init.load_schedule)."""
-        self.phase: dict = {}
-        self.last_saved_step = -1
-        self._config_yaml_text: str | None = None
-        self.rebuild_manager()
-        self.snapshots = Snapshots(self)
+    model: nn.Module
+    """The parallelized model (or the DeepSpeed engine) that trains."""
+    plain_model: nn.Module
+    """The same model before parallelize: parameter names, FLOPs, aux losses."""
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    """trainer.schedule.Schedule: lr(step), state_dict / load_state_dict."""
+    data: Any
+    """trainer.data.Data: the batches and their cursor (state_dict / load_state_dict)."""
+    dist: DistInfo
+    layout: dict
+    """world_size, tp, dp, strategy: saved with every checkpoint, compared on restore."""
+    config_yaml: str
+    """The run's config as saved in checkpoints (rendered once, ~20 ms: growth changes it)."""
+    deepspeed: Any = None
+    """trainer.parallel.deepspeed_backend.DeepSpeedBackend under parallel.strategy=deepspeed."""
+    step: int = 0
+    tokens_seen: int = 0
+    schedule_offset: int = 0
+    """Steps of an earlier phase whose schedule this run continues (init.load_schedule)."""
+    phase: dict = field(default_factory=dict)
+
+    def replace_model(self, model, plain_model, optimizer, deepspeed, config_yaml: str) -> None:
+        """Mid-run growth: the rebuilt model and optimizer take over (values loaded later)."""
+        self.model, self.plain_model, self.optimizer = model, plain_model, optimizer
+        self.deepspeed, self.config_yaml = deepspeed, config_yaml
 
     # -- what gets saved ------------------------------------------------------------------
-    def layout(self) -> dict:
-        dims = self.trainer.dims
-        return {
-            "world_size": dims.world_size,
-            "tp": dims.tp,
-            "dp": dims.dp,
-            "strategy": dims.strategy,
-        }
-
     def tensors(self, with_optimizer: bool = True) -> tuple[dict, dict]:
-        model, optim = self.trainer.model, self.trainer.optimizer
-        if getattr(self.trainer, "deepspeed", None) is not None:  # ZeRO partitions as boxes
-            return self.trainer.deepspeed.tensors(with_optimizer)
-        tensors = model_tensors(model)
+        """This rank's tensors (`model.*`, `optimizer.state.*`) and the optimizer's JSON."""
+        if self.deepspeed is not None:  # ZeRO partitions as boxes
+            return self.deepspeed.tensors(with_optimizer)
+        tensors = model_tensors(self.model)
         optim_json: dict = {}
         if with_optimizer:
-            optim_tensors, optim_json = optimizer_tensors(model, optim)
+            optim_tensors, optim_json = optimizer_tensors(self.model, self.optimizer)
             tensors.update(optim_tensors)
         return tensors, optim_json
 
@@ -74,162 +72,37 @@ class TrainState:
             "tokens_seen": self.tokens_seen,
             "schedule_offset": self.schedule_offset,
             "phase": self.phase,
-            "schedule": self.trainer.schedule.state_dict(),
-            "data": self.trainer.data.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "data": self.data.state_dict(),
             "optimizer": optim_json,
-            "layout": self.layout(),
-            "config": self._config_yaml(),
+            "layout": self.layout,
+            "config": self.config_yaml,
         }
 
-    def _config_yaml(self) -> str:
-        """Rendered once (~20 ms, too much per snapshot); only growth changes the config."""
-        if self._config_yaml_text is None:
-            self._config_yaml_text = to_yaml(self.cfg)
-        return self._config_yaml_text
+    def rank_state(self) -> dict:
+        return {"rng": rng_state(self.dist.device)}
 
-    # -- save -----------------------------------------------------------------------------
-    def maybe_save(self) -> None:
-        if self.snapshots.after_step():  # the keeper persists
+    # -- what gets loaded -----------------------------------------------------------------
+    def load_tensors(self, tensors: dict, optim_json: dict | None) -> None:
+        """Loaded `tensors` into the model; into the optimizer too unless optim_json is None."""
+        if self.deepspeed is not None:
+            self.deepspeed.apply(tensors, optim_json or {})
             return
-        due = self.step % self.cfg.checkpoint.persist_interval == 0
-        if due and self.step != self.last_saved_step:  # mid-run growth saves its own step
-            self.save()
+        apply_model_tensors(self.model, tensors)
+        if optim_json is not None:
+            apply_optimizer_tensors(self.model, self.optimizer, tensors, optim_json)
 
-    def save_final(self) -> None:
-        self.snapshots.finish()
-        if self.step != self.last_saved_step:
-            self.save(final=True)
-
-    def save(self, final: bool = False) -> None:
-        """A failed save (disk full) is a warning, not the end of training; the final one
-        raises (the caller's work would be lost)."""
-        if self.manager is None:
-            return
-        tensors, optim_json = self.tensors()
-        rank_state = {"rng": rng_state(self.trainer.dist.device)}
-        try:
-            self.manager.save(self.step, tensors, self.global_state(optim_json), rank_state)
-        except (OSError, RuntimeError) as err:
-            if final:
-                raise
-            self._say(f"warning: checkpoint of step {self.step} failed ({err}); training goes "
-                      f"on, the disk is at step {max(self.last_saved_step, 0)}")
-            return
-        self.last_saved_step = self.step
-
-    # -- mid-run growth (trainer/growth/midrun.py) -------------------------------------------
-    def rebuild_manager(self) -> None:
-        """The checkpoint manager, declaring the current (maybe grown) model's expert layouts."""
-        ckpt = self.cfg.checkpoint
-        self.layouts = expert_layouts(self.cfg.model)
-        self.manager = (
-            CheckpointManager(ckpt.dir, keep=ckpt.keep, layouts=self.layouts)
-            if ckpt.enabled
-            else None
-        )
-
-    def apply_grown(self, tensors: dict, optim_json: dict) -> None:
-        self._config_yaml_text = None  # the model section changed
-        apply_model_tensors(self.trainer.model, tensors)
-        apply_optimizer_tensors(self.trainer.model, self.trainer.optimizer, tensors, optim_json)
-
-    # -- restore --------------------------------------------------------------------------
-    def restore(self) -> int:
-        """Resume this run from its newest loadable checkpoint; else warm-start from
-        init.from; else start fresh. Returns the step training continues from."""
-        if self.manager is not None:
-            tensors, _ = self.tensors()
-            result = self._resume(tensors)
-            if result is not None:
-                self._report_skipped(result.skipped)
-                self._apply(result, tensors, full=True)
-                self._say(f"resumed from {result.path} (step {self.step})")
-                return self.step
-        if self.cfg.init.from_:
-            self._warm_start(self.cfg.init.from_)
-        seed_rng(self.cfg.train.seed, self.trainer.dist.rank, 0)
-        return 0
-
-    def _resume(self, tensors: dict):
-        """The newest usable state of this run (memory or disk). State that is there but cannot
-        be used stops the run, never a silent start from step 0, unless `--fresh` says so."""
-        fresh = os.environ.get(ENV_FRESH) == "1"
-        initial = {k: _local(v).clone() for k, v in tensors.items()} if fresh else {}
-        try:
-            result = self.snapshots.restore(tensors) or self.manager.load_latest(tensors)
-            problems = self.snapshots.unusable() if result is None else []
-        except CheckpointDamaged as err:
-            result, problems = None, [str(err)]
-        if not problems:
-            return result
-        if not fresh:
-            raise ValueError(f"nothing usable to resume {self.cfg.run.dir} from: "
-                             f"{'; '.join(problems)}; pass --fresh to start from scratch")
-        self._say(f"--fresh: starting from scratch ({'; '.join(problems)})")
-        for name, value in initial.items():  # a failed read may have filled some of them
-            _local(tensors[name]).copy_(value)
-        return None
-
-    def _warm_start(self, source: str) -> None:
-        init = self.cfg.init
-        path = resolve_checkpoint(source)  # a clear error when there is none
-        if not is_checkpoint_dir(Path(source)):
-            path = Path(source)  # a run dir or root: its newest intact checkpoint
-        tensors, _ = self.tensors(with_optimizer=init.load_optimizer)
-        result = self.manager_for(path).load(path, tensors)
-        self._report_skipped(result.skipped)
-        path = result.path
-        self._apply(result, tensors, full=False)
+    def resume(self, result: LoadResult, seed: int) -> None:
+        """Everything but the tensors from a checkpoint of this run (a resume)."""
         saved = result.global_state
-        if init.load_schedule:
-            self.schedule_offset = saved["schedule_offset"] + saved["step"]
-            self.trainer.schedule.load_state_dict(saved["schedule"])
-        self.phase = {
-            "init_from": str(path),
-            "source_step": saved["step"],
-            "source_phase": saved.get("phase", {}),
-        }
-        what = "weights" + (" + optimizer" if init.load_optimizer else "")
-        self._say(f"warm start: {what} from {path} (step {saved['step']})")
-
-    def manager_for(self, path: Path) -> CheckpointManager:
-        return CheckpointManager(Path(path).parent, keep=1_000_000, layouts=self.layouts)
-
-    def _apply(self, result, tensors: dict, full: bool) -> None:
-        model, optim = self.trainer.model, self.trainer.optimizer
-        saved = result.global_state
-        with_optimizer = full or self.cfg.init.load_optimizer
-        if getattr(self.trainer, "deepspeed", None) is not None:
-            self.trainer.deepspeed.apply(tensors, saved["optimizer"] if with_optimizer else {})
-        else:
-            apply_model_tensors(model, tensors)
-            if with_optimizer:
-                apply_optimizer_tensors(model, optim, tensors, saved["optimizer"])
-        if not full:
-            return
         self.step = saved["step"]
-        self.last_saved_step = self.step
         self.tokens_seen = saved["tokens_seen"]
         self.schedule_offset = saved["schedule_offset"]
         self.phase = saved["phase"]
-        self.trainer.schedule.load_state_dict(saved["schedule"])
-        self.trainer.data.load_state_dict(saved["data"])
-        self._restore_rng(saved["layout"], result.rank_states)
-
-    def _restore_rng(self, saved_layout: dict, rank_states: list[dict]) -> None:
-        rank = self.trainer.dist.rank
-        if saved_layout == self.layout():
-            set_rng_state(rank_states[rank]["rng"], self.trainer.dist.device)
-        else:
-            seed_rng(self.cfg.train.seed, rank, self.step)
-
-    def _report_skipped(self, skipped) -> None:
-        for path, reason in skipped:
-            self._say(f"skipping checkpoint {path}: {reason}")
-
-    def _say(self, message: str) -> None:
-        self.trainer._say_main(message)
-
-
-def _local(value: torch.Tensor) -> torch.Tensor:
-    return value.to_local() if hasattr(value, "to_local") else value
+        self.schedule.load_state_dict(saved["schedule"])
+        self.data.load_state_dict(saved["data"])
+        rank = self.dist.rank
+        if saved["layout"] == self.layout:
+            set_rng_state(result.rank_states[rank]["rng"], self.dist.device)
+        else:  # another layout: a well-defined stream for (seed, rank, step)
+            seed_rng(seed, rank, self.step)

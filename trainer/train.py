@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.checkpointer import Checkpointer
 from trainer.config import JobConfig
 from trainer.config_loader import save_config, save_config_or_warn, to_yaml, validate_layout
 from trainer.data import IGNORE_INDEX, build_data
@@ -17,11 +18,12 @@ from trainer.distributed import (
     all_reduce_mean,
     init_distributed,
     rng_state,
+    say,
     set_rng_state,
 )
-from trainer.growth.midrun import adopt_grown_init, grow_trainer, model_config_for_resume
+from trainer.growth.midrun import grow_trainer, model_config_for_resume
 from trainer.health import HealthMonitor
-from trainer.metrics import MetricsLogger, Throughput
+from trainer.metrics import MetricsLogger, Throughput, duration
 from trainer.model import Llama
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import clip_grad_norm_
@@ -39,16 +41,19 @@ class Trainer:
         self.dims.build_mesh(self.dist.device.type)
         self.is_main = self.dist.rank == 0
         self.build_data()
-        adopted = adopt_grown_init(self.cfg)  # init.from a grown checkpoint: its shape
-        if adopted:
-            self._say_main(f"model shape from grown init.from: {', '.join(adopted)}")
         source_model = self.cfg.model
         self.cfg.model = model_config_for_resume(self.cfg)  # the grown model after grow.at_step
         self.will_grow = self.cfg.grow.at_step > 0 and self.cfg.model is source_model
-        self.build_model()
-        self.build_optimizer()
-        self.build_schedule()
-        self.state = TrainState(self)
+        model, plain_model = self.build_model()
+        optimizer, deepspeed, model = self.build_optimizer(model)
+        dims = self.dims
+        self.state = TrainState(
+            model, plain_model, optimizer, self.build_schedule(), self.data, self.dist,
+            layout={"world_size": dims.world_size, "tp": dims.tp, "dp": dims.dp,
+                    "strategy": dims.strategy},
+            config_yaml=to_yaml(cfg), deepspeed=deepspeed,
+        )
+        self.checkpointer = Checkpointer(self.state, cfg)
         self.build_metrics()
         self.health = HealthMonitor.build(cfg, self.dist)
 
@@ -59,7 +64,8 @@ class Trainer:
         if not self.cfg.model.vocab_size:
             self.cfg.model.vocab_size = self.data.vocab_size
 
-    def build_model(self) -> None:
+    def build_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(parallelized, plain) model."""
         torch.manual_seed(self.cfg.train.seed)
         model = Llama(self.cfg.model)
         # Every rank initialises the full model from the same seed, so the weights are the
@@ -67,14 +73,15 @@ class Trainer:
         model.init_weights(torch.Generator().manual_seed(self.cfg.train.seed))
         for layer in self.cfg.model.frozen_layers:  # e.g. after `grow stack --freeze-old`
             model.layers[str(layer)].requires_grad_(False)
-        self.plain_model = model.to(self.dist.device)
-        self.model = parallelize_llama(
-            self.plain_model,
+        plain_model = model.to(self.dist.device)
+        parallel_model = parallelize_llama(
+            plain_model,
             self.dims,
             activation_checkpointing=self.cfg.train.activation_checkpointing,
             compile=self.cfg.train.compile,
             param_dtype=self.param_dtype,
         )
+        return parallel_model, plain_model
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -83,41 +90,51 @@ class Trainer:
             precision = "bf16" if self.dist.device.type == "cuda" else "fp32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
-    def build_optimizer(self) -> None:
+    def build_optimizer(self, model):
+        """(optimizer, DeepSpeed backend or None, the model to train: `model` or its engine)."""
         o = self.cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        self.deepspeed = None
-        if self.cfg.parallel.strategy == "deepspeed":  # ZeRO wraps the model and our AdamW
-            from trainer.parallel.deepspeed_backend import DeepSpeedBackend
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        if self.cfg.parallel.strategy != "deepspeed":
+            return optimizer, None, model
+        from trainer.parallel.deepspeed_backend import DeepSpeedBackend
 
-            self.deepspeed = DeepSpeedBackend(self.cfg, self.model, self.optimizer,
-                                              self.dist.world_size, self.param_dtype)
-            self.model = self.deepspeed.engine
+        # ZeRO wraps the model and our AdamW
+        deepspeed = DeepSpeedBackend(self.cfg, model, optimizer, self.dist.world_size,
+                                     self.param_dtype)
+        return optimizer, deepspeed, deepspeed.engine
 
-    def build_schedule(self) -> None:
+    def build_schedule(self):
         tokens_per_step = self.cfg.train.global_batch_size * self.cfg.data.seq_len
-        self.schedule = build_schedule(self.cfg.schedule, self.cfg.optim.lr, tokens_per_step)
+        return build_schedule(self.cfg.schedule, self.cfg.optim.lr, tokens_per_step)
 
     def build_metrics(self) -> None:
-        self.metrics = MetricsLogger(
-            self.cfg.run.dir, self.is_main, self.cfg.log, {"config": to_yaml(self.cfg)}
-        )
-        flops = self.plain_model.flops_per_token(self.cfg.data.seq_len)
-        self.throughput = Throughput(flops, self.dist.world_size, self.dist.device)
+        max_steps = self.cfg.train.max_steps
+        self.metrics = MetricsLogger(self.cfg.run.dir, self.is_main, self.cfg.log,
+                                     {"config": to_yaml(self.cfg)}, max_steps,
+                                     run_name=self.cfg.run.name)
+        flops = self.state.plain_model.flops_per_token(self.cfg.data.seq_len)
+        self.throughput = Throughput(flops, self.dist.world_size, self.dist.device, max_steps)
 
     # -- run ------------------------------------------------------------------------------
     def train(self) -> None:
-        if self.is_main and not save_config_or_warn(self.cfg, self.cfg.run.dir):
-            self.metrics.retry_later(lambda: save_config(self.cfg, self.cfg.run.dir))
-        resumed_step = self.state.restore()
+        resumed_step = self.checkpointer.restore()
+        # After a restore that worked (a failed resume keeps the old record); a full disk
+        # makes it a warning, written again once the disk has room.
+        if self.is_main and not save_config_or_warn(self.cfg, self.cfg.run.dir, resumed_step):
+            self.metrics.retry_later(lambda: save_config(self.cfg, self.cfg.run.dir, resumed_step))
         self.metrics.truncate_after(resumed_step)
         self.throughput.reset()
         max_steps = self.cfg.train.max_steps
+        if resumed_step >= max_steps:
+            say(f"nothing to train: {self.cfg.run.dir} is already at step {resumed_step} "
+                f"(train.max_steps={max_steps}); raise train.max_steps to continue it")
+        else:
+            say(self.start_line())
         progress = self._progress_bar(resumed_step, max_steps)
         while self.state.step < max_steps:
             self.health.step_started(self.state.step + 1)
@@ -127,40 +144,50 @@ class Trainer:
             self.maybe_log(record)
             if self.will_grow and self.state.step == self.cfg.grow.at_step:
                 self.grow()
-            self.state.maybe_save()
+            self.checkpointer.maybe_save()
             self.health.step_finished()
         progress.close()
-        self.state.save_final()
+        self.checkpointer.save_final()
+        if resumed_step < max_steps:
+            say(f"done: step {self.state.step}/{max_steps} in "
+                f"{duration(self.throughput.measure()['elapsed_s'])}; newest checkpoint: "
+                f"{self.checkpointer.newest() or 'none (checkpoint.enabled=false)'}")
         self.metrics.close()
         self.health.close()
+
+    def start_line(self) -> str:
+        t, state = self.cfg.train, self.state
+        layout = ", ".join(f"{key}={value}" for key, value in state.layout.items())
+        return (f"start: {state.plain_model.num_params():,} parameters, "
+                f"{t.global_batch_size * self.cfg.data.seq_len:,} tokens/step "
+                f"({t.global_batch_size} x {self.cfg.data.seq_len}), layout {layout}, "
+                f"run dir {self.cfg.run.dir}, {self.checkpointer.origin}")
 
     def grow(self) -> None:
         """Mid-run growth at this step boundary (trainer/growth/midrun.py), then a checkpoint."""
         grow_trainer(self)
         self.will_grow = False
-        self._say_main(f"grew the model ({self.cfg.grow.kind}) at step {self.state.step}")
-        self.state.save()
+        say(f"grew the model ({self.cfg.grow.kind}) at step {self.state.step}")
+        self.checkpointer.save()
 
     def rebuild_for_growth(self) -> None:
         """Build, parallelize and optimize `cfg.model` again; the RNG streams are kept."""
         rng = rng_state(self.dist.device)
-        self.build_model()
-        self.build_optimizer()
+        model, plain_model = self.build_model()
+        optimizer, deepspeed, model = self.build_optimizer(model)
         set_rng_state(rng, self.dist.device)
-        self.state.rebuild_manager()
-        self.throughput.flops_per_token = self.plain_model.flops_per_token(self.cfg.data.seq_len)
-
-    def _say_main(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        self.state.replace_model(model, plain_model, optimizer, deepspeed, to_yaml(self.cfg))
+        self.checkpointer.rebuild_manager()
+        self.throughput.flops_per_token = plain_model.flops_per_token(self.cfg.data.seq_len)
 
     def train_step(self) -> dict:
         micro_batches = self.data.next_step_batches(self.dims.dp_rank(), self.dims.dp)
-        lr = self.schedule.lr(self.state.schedule_offset + self.state.step)
-        for group in self.optimizer.param_groups:
+        state = self.state
+        lr = state.schedule.lr(state.schedule_offset + state.step)
+        for group in state.optimizer.param_groups:
             group["lr"] = lr
-        if self.deepspeed is not None:
-            loss_sum, grad_norm = self.deepspeed.train_step(micro_batches, self.forward_loss)
+        if state.deepspeed is not None:
+            loss_sum, grad_norm = state.deepspeed.train_step(micro_batches, self.forward_loss)
         else:
             loss_sum, grad_norm = self._accumulate_and_step(micro_batches)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -172,20 +199,20 @@ class Trainer:
     def _accumulate_and_step(self, micro_batches) -> tuple[torch.Tensor, float]:
         loss_sum = torch.zeros((), device=self.dist.device)
         for index, (inputs, targets) in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            set_gradient_sync(self.state.model, index == len(micro_batches) - 1)
             loss = self.forward_loss(inputs, targets) / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.state.snapshots.before_optimizer_step()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grad_norm_(self.state.model.parameters(), self.cfg.train.grad_clip)
+        self.checkpointer.snapshots.before_optimizer_step()
+        self.state.optimizer.step()
+        self.state.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
         inputs, targets = inputs.to(self.dist.device), targets.to(self.dist.device)
         with self._autocast():
-            logits = self.model(inputs)
+            logits = self.state.model(inputs)
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
@@ -193,7 +220,7 @@ class Trainer:
             reduction=reduction,
         )
         if reduction == "mean" and self.cfg.model.moe.enabled():  # training, not evaluation
-            loss = loss + self.plain_model.aux_loss()
+            loss = loss + self.state.plain_model.aux_loss()
         return loss
 
     def _autocast(self):
@@ -206,7 +233,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out loss per source: token-weighted over the whole data-parallel group (ranks
         may hold padding only, so sums and counts are reduced, not per-rank means)."""
-        self.model.eval()
+        self.state.model.eval()
         losses = {}
         for name in self.data.source_names:
             totals = torch.zeros(2, device=self.dist.device)
@@ -216,7 +243,7 @@ class Trainer:
             dist.all_reduce(totals, group=self.dims["dp"].get_group())
             if totals[1] > 0:
                 losses[name] = (totals[0] / totals[1]).item()
-        self.model.train()
+        self.state.model.train()
         return losses
 
     def maybe_log(self, record: dict) -> None:
@@ -227,9 +254,9 @@ class Trainer:
             record["eval_loss"] = self.evaluate()
         if step % cfg.train.log_interval and step != 1 and not last and not evaluate:
             return
-        record = {"step": step, **record, **self.throughput.measure()}
+        record = {"step": step, **record, **self.throughput.measure(step)}
         record["tokens_seen"] = self.state.tokens_seen
-        record.update(self.state.snapshots.counters())  # skipped snapshots are never silent
+        record.update(self.checkpointer.snapshots.counters())  # skipped snapshots: never silent
         record["tokens_by_source"] = dict(self.data.tokens_by_source)
         if cfg.data.record_sample_ids:
             record["sample_ids"] = list(self.data.last_sample_ids)

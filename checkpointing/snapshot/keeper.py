@@ -11,6 +11,7 @@ newest complete snapshot that is newer than the disk's, then unlinks its shared 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import queue
@@ -219,6 +220,10 @@ class Keeper:
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
+        with contextlib.suppress(ConnectionResetError):  # a worker died: it reconnects
+            self._serve()
+
+    def _serve(self) -> None:
         keeper: Keeper = self.server.keeper  # type: ignore[attr-defined]
         while (message := receive(self.rfile)) is not None:
             try:

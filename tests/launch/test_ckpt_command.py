@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,14 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from launch.ckpt_command import detect_source_kind
 from launch.cli import main as perennial_main
-from tests.trainer.model.test_hf import TINY_HF, assert_same_logits, load_ours, save_tiny_hf
-from tests.trainer.runs import perennial, tiny_job
-
-HF_MODEL_OVERRIDES = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-    "model.vocab_size=320", "model.ffn_dim=96", "model.norm_eps=1e-6",
-    "model.rope_theta=50000.0", "model.max_seq_len=64", "model.tie_embeddings=false",
-]  # fmt: skip
+from tests.trainer.model.test_hf import assert_same_logits, load_ours, save_tiny_hf
+from tests.trainer.runs import REPO, perennial, tiny_job
 
 
 def ckpt(capsys, *args: str) -> tuple[int, str, str]:
@@ -37,11 +34,12 @@ def test_import_train_export_round_trip(tmp_path, capsys):
     assert state["global_state"]["source"] == {"format": "hf", "path": str(tmp_path / "hf")}
     assert "dim: 64" in state["global_state"]["config"]
 
-    run = tmp_path / "run"
-    job = tiny_job(run, tmp_path / "cache", *HF_MODEL_OVERRIDES, "train.max_steps=3",
+    run = tmp_path / "run"  # no model.* overrides: the run takes them from the import
+    job = tiny_job(run, tmp_path / "cache", "train.max_steps=3",
                    f"init.from={tmp_path / 'imported'}", "parallel.strategy=ddp")  # fmt: skip
     proc = perennial("train", *job)
     assert "warm start: weights from" in proc.stderr
+    assert "(imported) sets model." in proc.stderr and "model.vocab_size=320" in proc.stderr
 
     code, out, _ = ckpt(capsys, "export", run, tmp_path / "out", "--format", "hf")
     assert code == 0 and "byte tokenizer" in out and "model.safetensors" in out
@@ -78,6 +76,10 @@ def test_sharded_export_writes_a_correct_index(tmp_path, capsys):
     )
     exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert_same_logits(load_ours(tmp_path / "imported"), exported.eval())
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in files:  # safetensors writes 0600; an export is an ordinary file
+        assert (out / file).stat().st_mode & 0o777 == 0o666 & ~umask, file
 
 
 def test_bad_sources_fail_with_one_line_naming_the_file(tmp_path, capsys):
@@ -121,5 +123,12 @@ def test_source_kinds_and_delegation(tmp_path, capsys):
     assert code == 0 and "model.layers.1.feed_forward.w2.weight" in out
     code, out, _ = ckpt(capsys, "export", tmp_path / "imported", tmp_path / "w.safetensors")
     assert code == 0 and (tmp_path / "w.safetensors").is_file()
+    code, _, err = ckpt(capsys, "export", tmp_path / "imported", tmp_path / "w.safetensors")
+    assert code == 2 and "w.safetensors already exists" in err  # as --format hf refuses
+    inspect = subprocess.Popen([sys.executable, "-m", "launch.cli", "ckpt", "inspect",
+                                str(tmp_path / "imported")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    inspect.stdout.close()  # `| head` that has read enough: every write hits a closed pipe
+    assert inspect.wait(timeout=120) == 0
+    assert inspect.stderr.read() == b""
     assert ckpt(capsys, "import", tmp_path / "hf", tmp_path / "imported")[0] == 2  # not empty
-    assert TINY_HF["vocab_size"] == 320  # the model.* overrides above mirror TINY_HF

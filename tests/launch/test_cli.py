@@ -3,9 +3,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from launch.args import UsageError, parse_job_args
 from launch.cli import main
 from launch.train_command import torchrun_command
+from trainer.args import UsageError, parse_job_args
 
 
 def test_flags_and_overrides_in_any_order():
@@ -48,8 +48,62 @@ def test_torchrun_command_single_and_multi_node():
         nproc, max_restarts, nnodes, rdzv_endpoint = 4, 3, "1", ""
 
     cmd = torchrun_command(Flags, ["job.yaml", "a=1"])
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[1:3] == ["-m", "launch.torchrun"] and "--standalone" in cmd
     assert cmd[-4:] == ["-m", "trainer", "job.yaml", "a=1"]
     Flags.nnodes, Flags.rdzv_endpoint = "2", "head:29500"
     cmd = torchrun_command(Flags, [])
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "head:29500" and "--standalone" not in cmd
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    for command in ("train", "config", "ckpt {inspect,verify,export,import}", "grow", "schedule",
+                    "slurm"):
+        assert f"  {command}" in usage, command
+
+
+def test_train_help_hides_the_test_only_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--nproc" in out and "--verbose" in out and "--simulated-nodes" not in out
+
+
+def test_ckpt_export_help_shows_both_formats(capsys):
+    with pytest.raises(SystemExit):
+        main(["ckpt", "export", "--help"])
+    out = capsys.readouterr().out
+    assert "--format {safetensors,hf}" in out and "--dtype" in out
+
+
+@pytest.mark.parametrize("typo, meant", [("optim.lrr", "optim.lr"), ("train.lr", "optim.lr"),
+                                         ("model.moe.num_expert", "model.moe.num_experts")])
+def test_an_unknown_key_suggests_the_closest(capsys, typo, meant):
+    assert main(["train", "--dry-run", f"{typo}=1"]) == 2
+    assert f"unknown config key '{typo}'; did you mean {meant}?" in capsys.readouterr().err
+
+
+def test_config_lists_every_key_with_default_and_doc(capsys):
+    from trainer.config_doc import config_keys
+
+    assert main(["config", "optim.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    keys = list(config_keys())
+    assert len(keys) > 90 and all(k.doc for k in keys)
+    for key in keys:
+        assert f"\n{key.key} = " in "\n" + out, key.key
+    assert "optim.lr = 0.001   (default: 0.003)\n    Peak learning rate" in out
+    assert "init.from = " in out and "grow.at_step = " in out
+
+
+def test_validation_messages_are_separated(capsys):
+    assert main(["train", "--dry-run", "schedule.warmup_steps=-1", "schedule.min_lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "must be >= 0; schedule.min_lr" in err, err
+
+
+def test_nproc_above_the_cores_warns(capsys):
+    main(["train", "--dry-run", "--nproc", "4096", "train.global_batch_size=4096",
+          "train.micro_batch_size=1"])
+    assert "warning: --nproc 4096 exceeds the" in capsys.readouterr().err

@@ -8,17 +8,21 @@ import socket
 import subprocess
 
 import pytest
+import torch
 
+from checkpointing import CheckpointManager
 from launch.preflight import (
+    check_data_files,
     check_rendezvous_port,
+    check_resume_model,
     check_run_dir_writable,
     check_shm_space,
     check_world_size,
     snapshot_bytes_per_node,
 )
-from launch.spawn import free_port
 from tests.trainer.runs import perennial, tiny_job
-from trainer.config_loader import load_config
+from trainer.config_loader import load_config, to_yaml
+from trainer.distributed import free_port
 
 # Roughly 52 billion parameters: its snapshots cannot fit any machine's /dev/shm.
 HUGE_MODEL = ["model.dim=8192", "model.n_layers=64", "model.n_heads=64", "model.n_kv_heads=8"]
@@ -128,3 +132,50 @@ def test_cli_shm_too_small(tmp_path):
                      "checkpoint.interval=1", "--nproc", "2", check=False)
     line = one_line_error(proc)
     assert "/dev/shm" in line and "checkpoint.interval=0" in line
+
+
+def test_init_from_must_be_a_checkpoint_run_dir_or_hf_dir(tmp_path):
+    (tmp_path / "notes").mkdir()
+    proc = perennial("train", *tiny_job(tmp_path / "run", tmp_path / "cache"),
+                     f"init.from={tmp_path / 'notes'}", check=False)
+    line = one_line_error(proc)
+    assert "notes is not a checkpoint, a run directory with a committed checkpoint, a torch " \
+           "DCP checkpoint, or a Hugging Face model directory" in line
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("\n\n", "holds no records"),
+    ('{"body": "words"}\n', "no column 'text' in .* \\(columns: \\['body'\\]\\); set "
+                            "data.sources\\[0\\].text_column"),
+])
+def test_data_files_are_checked_before_any_process(tmp_path, content, message):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(content)
+    cfg = load_config(None, [f"data.sources=[{{name: docs, path: '{data}'}}]"])
+    with pytest.raises(ValueError, match=message):
+        check_data_files(cfg.data)
+
+
+def test_parquet_columns_are_checked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a b c"]}), tmp_path / "d.parquet")
+    cfg = load_config(None, [f"data.sources=[{{name: d, path: '{tmp_path / 'd.parquet'}'}}]"])
+    with pytest.raises(ValueError, match="no column 'text'.*'content'"):
+        check_data_files(cfg.data)
+    source = f"{{name: d, path: '{tmp_path / 'd.parquet'}', text_column: content}}"
+    check_data_files(load_config(None, [f"data.sources=[{source}]"]).data)
+
+
+def test_a_resume_with_another_model_is_refused_on_one_line(tmp_path):
+    saved = load_config(None, [f"run.dir={tmp_path}", "model.dim=64"])
+    CheckpointManager(saved.checkpoint.dir).save(
+        3, {"model.w": torch.zeros(2)}, {"step": 3, "config": to_yaml(saved)})
+    check_resume_model(load_config(None, [f"run.dir={tmp_path}", "model.dim=64"]))
+    changed = load_config(None, [f"run.dir={tmp_path}", "model.dim=128", "model.moe.top_k=1"])
+    with pytest.raises(ValueError, match=r"resumes .*step-00000003 \(step 3\), whose model "
+                       r"differs: model.dim is 64 there, 128 now; model.moe.top_k is 2 there, "
+                       r"1 now\. Drop those"):
+        check_resume_model(changed)

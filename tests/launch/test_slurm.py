@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from launch.keepers import resolve_keeper_peer
-from launch.spawn import free_port
 from tests.trainer.runs import REPO, metrics, perennial, tiny_job
 from tests.trainer.test_resume import assert_bitwise_equal, final_weights
+from trainer.distributed import free_port
 
 SETUP = REPO / "scripts" / "setup_slurm.sh"
 CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2"]

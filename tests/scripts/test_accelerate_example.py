@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.trainer.runs import REPO, perennial, tiny_job
+from trainer.distributed import free_port
 
 MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
 SCRIPT = str(REPO / "scripts" / "accelerate_example.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(*args: str, nproc: int) -> str:

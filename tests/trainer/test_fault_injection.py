@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from launch.keepers import shm_root_for
+from tests.seeds import replayable_seed
 from tests.trainer.runs import REPO, tiny_job
 from tests.trainer.test_resume import assert_bitwise_equal, final_weights
 
@@ -94,7 +95,8 @@ class Run:
                 cmd = " ".join(child.cmdline())
             except psutil.NoSuchProcess:
                 continue
-            if marker in cmd and "torch.distributed.run" not in cmd:
+            launcher = any(t in cmd for t in ("torch.distributed.run", "launch.torchrun"))
+            if marker in cmd and not launcher:
                 found.append(child)
         return found
 
@@ -145,7 +147,7 @@ def reference(tmp_path_factory, data_cache):
 
 
 def test_sigkill_random_ranks_repeatedly(tmp_path, data_cache, reference):
-    rng = random.Random(int(os.environ.get("PERENNIAL_FAULT_SEED", time.time())))
+    rng = random.Random(replayable_seed("PERENNIAL_FAULT_SEED"))
     # From INTERVAL + 1 on, a complete snapshot exists (before it, a restart starts afresh).
     # Each rank SIGKILLs itself right after the snapshot of its step starts: no race with this
     # test's reaction time, and a kill that falls on a snapshot step tears that snapshot.

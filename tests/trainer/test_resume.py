@@ -1,13 +1,16 @@
 """Automatic resume: bitwise on the same layout, within fp32 tolerance on another one, and
 falling back past a damaged checkpoint."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.runs import losses, metrics, perennial, train
+from tests.trainer.runs import REPO, losses, metrics, perennial, train
 
 # The schedule is 8 steps long whatever step a run stops at, so a resumed run is the same job.
 # Two sources mixed 3:1 (prose with a replay of code), so resuming must restore the mix too.
@@ -106,9 +109,10 @@ def test_warm_start_then_resume_the_continued_run(tmp_path, data_cache, referenc
     assert records[0]["lr"] == pytest.approx(ref_records[4]["lr"])
     assert records[0]["loss"] < ref_records[0]["loss"] - 0.5
 
-    # A crash of the continued run resumes the continued run, not its source.
+    # A crash of the continued run resumes the continued run, not its source, and says so.
     second = perennial("train", *job, f"init.from={source}", "train.max_steps=3")
     assert f"resumed from {run_dir / 'checkpoints' / 'step-00000002'}" in second.stderr
+    assert f"init.from={source} ignored: {run_dir / 'checkpoints'} already holds" in second.stderr
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
 
 
@@ -118,3 +122,36 @@ def test_warm_start_from_a_missing_path_is_one_line(tmp_path, data_cache):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_already_at_max_steps_says_so(tmp_path, data_cache, reference):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "done"
+    shutil.copytree(ref_dir, run_dir)
+    proc = perennial("train", *_job(run_dir, data_cache), "train.max_steps=8")
+    assert f"nothing to train: {run_dir} is already at step 8 (train.max_steps=8)" in proc.stderr
+    assert "start:" not in proc.stderr
+
+
+def test_a_failed_resume_keeps_the_run_record(tmp_path, data_cache, reference):
+    """The worker itself (no launcher preflight) fails to restore a changed model: config.yaml
+    stays the run's; config-history/ keeps one file per start that got past the restore."""
+    ref_dir, _ = reference
+    run_dir = tmp_path / "kept"
+    shutil.copytree(ref_dir, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    history = sorted((run_dir / "config-history").iterdir())
+    assert len(history) == 1 and history[0].read_text() == before
+    job = [*_job(run_dir, data_cache), "train.max_steps=9", "model.dim=128"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", *job], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (run_dir / "config.yaml").read_text() == before
+    assert sorted((run_dir / "config-history").iterdir()) == history
+    # ... and the launcher refuses it before any process starts, on one line.
+    refused = perennial("train", *job, check=False)
+    assert refused.returncode == 2 and "model.dim is 64 there, 128 now" in refused.stderr
+    assert len([line for line in refused.stderr.splitlines() if line.startswith("error:")]) == 1
+    perennial("train", *_job(run_dir, data_cache), "train.max_steps=9")
+    assert len(list((run_dir / "config-history").iterdir())) == 2

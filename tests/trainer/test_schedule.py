@@ -302,3 +302,33 @@ def test_tiny_plateau_does_not_overflow(shape):
                          plateau_lr=2.28e-195, cooldown_shape=shape, anneal_steps=0)
     schedule = build_schedule(cfg, 0.0625, None)
     assert schedule.lr(100) == 0.0625 and schedule.lr(200) == 2.28e-195
+
+
+def test_a_short_run_fits_its_warmup_and_warns_once():
+    """torchtitan-style: train.max_steps=4 with the default 20 warmup steps just runs."""
+    import subprocess
+    import sys
+
+    from tests.trainer.runs import REPO
+
+    cfg = ScheduleConfig(name="cosine", total_steps=4, warmup_steps=20)
+    assert cfg.fit_to_length() == [
+        "schedule.warmup_steps (20) lowered to 3 to fit schedule.total_steps (4)"]
+    assert cfg.warmup_steps == 3 and cfg.fit_to_length() == []
+    build_schedule(cfg, MAX_LR)  # valid now
+    wsd = ScheduleConfig(name="wsd", total_steps=10, warmup_steps=20, decay_fraction=0.5)
+    wsd.fit_to_length()
+    assert wsd.warmup_steps == 5
+    infinite = ScheduleConfig(name="infinite", total_steps=50, warmup_steps=20, anneal_steps=10)
+    assert len(infinite.fit_to_length()) == 1 and infinite.cooldown_steps == 20  # was 1000
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--dry-run",
+                           "train.max_steps=4"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("schedule.warmup_steps (20) lowered to 3") == 1
+
+
+def test_settings_no_length_fixes_are_still_refused():
+    cfg = ScheduleConfig(name="cosine", total_steps=100, warmup_steps=-1)
+    assert cfg.fit_to_length() == []
+    with pytest.raises(ValueError, match=r"schedule.warmup_steps \(-1\) must be >= 0"):
+        cfg.validate(MAX_LR)

@@ -159,7 +159,7 @@ def grow_trainer(trainer) -> None:
     trainer.rebuild_for_growth()
     targets, _ = trainer.state.tensors()
     fill_shards(targets, grown.tensors)
-    trainer.state.apply_grown(targets, grown.optimizer_json)
+    trainer.state.load_tensors(targets, grown.optimizer_json)
     trainer.state.phase = {
         **trainer.state.phase,
         "grown_at": {"step": trainer.state.step, "kind": cfg.grow.kind},

@@ -24,7 +24,12 @@ from trainer.growth.plan import (
     specs_of,
 )
 from trainer.growth.stack import StackOptions, stack_rules, stacked_config
-from trainer.growth.upcycle import UpcycleOptions, upcycle_rules, upcycled_config
+from trainer.growth.upcycle import (
+    UpcycleOptions,
+    exactness_report,
+    upcycle_rules,
+    upcycled_config,
+)
 from trainer.model.config import ModelConfig
 
 _CARRY = {"copy": True, "keep": True, "reset": False}
@@ -48,7 +53,11 @@ def carry_moments(optimizer: str) -> bool:
 def _plan(kind: str, cfg: ModelConfig, specs: dict[str, Spec], opts) -> tuple:
     params = model_params(specs)
     if kind == "upcycle":
-        return upcycle_rules(cfg, params, opts), upcycled_config(cfg, opts)
+        rules = upcycle_rules(cfg, params, opts)  # validates opts first
+        report = exactness_report(cfg, opts)
+        if report:
+            print(report, flush=True)
+        return rules, upcycled_config(cfg, opts)
     return stack_rules(cfg, params, opts), stacked_config(cfg, opts)
 
 

@@ -8,8 +8,13 @@ same router row, so with top_k a multiple of G the top-k picks whole copies; w2 
 so the layer's output equals the dense one: by G under renormalised top-k (exact), by E·G·G/k
 under softmax-then-top-k (exact only at a uniform router). Megatron spreads that scale as
 s^(1/3) over fc1 and fc2, which is exact only for homogeneous activations; SwiGLU is linear in
-w2 alone, so we put all of it there. G = 1 needs no scaling: with renormalised top-k, identical
-experts and dropless routing the upcycled model computes exactly the dense function.
+w2 alone, so we put all of it there. G = 1 needs no scaling under renormalised top-k: with
+identical experts and dropless routing the upcycled model computes exactly the dense function.
+
+Under softmax-then-top-k (`--router softmax_topk`, Switch / T5X style) a layer whose top-k picks
+whole copies computes factor(x) · dense_mlp(x), factor(x) = scale · Σ_chosen p_i / G: 1 only
+where the router is uniform, so no scale makes it exact for a router that can learn. Upcycling
+then prints one line with how far the factor strays on probe tokens (`exactness_report`).
 """
 
 from __future__ import annotations
@@ -121,11 +126,38 @@ def upcycle_rules(cfg: ModelConfig, params: list[str], opts: UpcycleOptions) -> 
 
 def _w2_scale(opts: UpcycleOptions) -> float:
     g = opts.granularity
-    if g == 1:
-        return 1.0
     if opts.router == "softmax_topk_renorm":
         return float(g)
-    return opts.num_experts * g * g / opts.top_k
+    return opts.num_experts * g * g / opts.top_k  # exact at a uniform router, G = 1 included
+
+
+PROBE_TOKENS = 1024
+
+
+def exactness_report(cfg: ModelConfig, opts: UpcycleOptions) -> str | None:
+    """One line when the upcycled model is not function-preserving, with by how much: the
+    per-token factor on the MLP output, over every MoE layer's new router and PROBE_TOKENS
+    random unit-RMS inputs (what the layer's RMSNorm hands the MLP before its weight)."""
+    if opts.router == "softmax_topk_renorm":
+        return None
+    prefix = "upcycle: --router softmax_topk is not function-preserving"
+    if opts.granularity > 1 and opts.resolved_router_init() != "virtual-group":
+        return f"{prefix} (fine-grained experts with --router-init normal)"
+    grown = upcycled_config(cfg, opts)
+    probe = torch.randn(PROBE_TOKENS, cfg.dim, generator=torch.Generator().manual_seed(opts.seed))
+    probe = probe / probe.square().mean(-1, keepdim=True).sqrt()
+    factors = []
+    for layer in filter(grown.moe.is_moe_layer, range(cfg.n_layers)):
+        rows = _router_fn(opts, cfg.init_std, opts.seed + layer)(torch.empty(0, cfg.dim))
+        chosen = (probe @ rows.T).softmax(-1).topk(opts.top_k, dim=-1).values.sum(-1)
+        factors.append(chosen * _w2_scale(opts) / opts.granularity)
+    factor = torch.cat(factors)
+    deviation = (factor - 1).abs().max().item()
+    return (
+        f"{prefix}: each MoE layer computes the dense MLP times a per-token factor in "
+        f"[{factor.min().item():.4f}, {factor.max().item():.4f}] (max deviation "
+        f"{deviation:.2%} on {PROBE_TOKENS} probe tokens); --router softmax_topk_renorm is exact"
+    )
 
 
 def _expert_fn(weight: str, opts: UpcycleOptions, scale: float = 1.0):

@@ -151,12 +151,20 @@ def _write_weights(
         for file, members in zip(files, shards):
             shard = {names[i][1]: read(names[i][0], names[i][2], dtype) for i in members}
             save_file(shard, out / file, metadata={"format": "pt"})
+            _usual_permissions(out / file)
             weight_map.update(dict.fromkeys(shard, file))
             del shard
     if len(files) > 1:
         meta = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return files
+
+
+def _usual_permissions(path: Path) -> None:
+    """safetensors' writer creates files 0600; give them what any file here gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _numel(shape: tuple[int, ...], row: int | None) -> int:

@@ -25,7 +25,6 @@ from trainer.model.hf import (
     model_config_from_dict,
 )
 from trainer.model.llama import Llama
-from trainer.model.moe import expert_layouts
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -112,6 +111,8 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, out_root: str | os.PathLike)
     hf_dir = Path(hf_dir).expanduser().resolve()
     overrides = hf_model_overrides(hf_dir)
     tensors = _checked_model_tensors(hf_dir, overrides)
+    from trainer.checkpointer import expert_layouts  # the trainer's layout declarations
+
     layouts = expert_layouts(model_config_from_dict(overrides))
     state = {
         "step": 0,
@@ -152,7 +153,13 @@ def _checked_model_tensors(hf_dir: Path, overrides: dict[str, Any]) -> dict[str,
     return tensors
 
 
+def tokenizer_of(hf_dir: str | os.PathLike) -> str | None:
+    """The HF dir itself when it holds tokenizer files (a `data.tokenizer` value)."""
+    hf_dir = Path(hf_dir).expanduser().resolve()
+    return str(hf_dir) if any((hf_dir / n).is_file() for n in TOKENIZER_MARKERS) else None
+
+
 def _data_section(hf_dir: Path) -> dict[str, str]:
     """`data.tokenizer` = the HF dir when it holds tokenizer files, so export copies them."""
-    has_tokenizer = any((hf_dir / n).is_file() for n in TOKENIZER_MARKERS)
-    return {"tokenizer": str(hf_dir)} if has_tokenizer else {}
+    tokenizer = tokenizer_of(hf_dir)
+    return {"tokenizer": tokenizer} if tokenizer else {}

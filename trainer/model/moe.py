@@ -2,9 +2,9 @@
 
 Experts are stored stacked, one 3-D parameter per projection (`experts.w1 [E, hidden, dim]`,
 `experts.w2 [E, dim, hidden]`, `experts.w3 [E, hidden, dim]`), so the expert count is an ordinary
-tensor dimension for FSDP2 and the checkpoint layer (declared with `expert_layouts`). Routing is
-dropless unless `model.moe.capacity_factor` is set. Each forward stores its layer's
-coefficient-weighted load-balancing and z losses on the module (`aux_loss`, `z_loss`);
+tensor dimension for FSDP2 and the checkpoint layer (trainer/checkpointer.py declares their
+layout). Routing is dropless unless `model.moe.capacity_factor` is set. Each forward stores its
+layer's coefficient-weighted load-balancing and z losses on the module (`aux_loss`, `z_loss`);
 `Llama.aux_loss()` sums them for the trainer.
 
 Names, and their Hugging Face Mixtral equivalents (expert j is row j of the stacked tensor):
@@ -24,18 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpointing import Stacked
-from trainer.model.config import ModelConfig, MoEConfig
+from trainer.model.config import MoEConfig
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 _NORM_EPS = 1e-6
-
-
-def expert_layouts(cfg: ModelConfig) -> list[Stacked]:
-    """Checkpoint layout declarations for the stacked experts (pass to CheckpointManager)."""
-    if not cfg.moe.enabled():
-        return []
-    return [Stacked(f"feed_forward.experts.{w}", cfg.moe.num_experts) for w in EXPERT_WEIGHTS]
 
 
 class GroupedExperts(nn.Module):

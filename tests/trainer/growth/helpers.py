@@ -13,10 +13,10 @@ from checkpointing import (
     model_tensors,
     optimizer_tensors,
 )
+from trainer.checkpointer import expert_layouts
 from trainer.config import JobConfig
 from trainer.config_loader import to_yaml
 from trainer.model import Llama, ModelConfig
-from trainer.model.moe import expert_layouts
 
 TINY = ModelConfig(
     dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=41, max_seq_len=16, ffn_dim=48

@@ -1,6 +1,7 @@
 """Upcycling: exact at init, granular exactness, optimizer state, the written checkpoint."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -131,3 +132,33 @@ def test_bad_options_are_value_errors(options, fragment):
     state = {"model." + k: v for k, v in build(TINY).state_dict().items()}
     with pytest.raises(ValueError, match=fragment):
         upcycle_tensors(state, TINY, **options)
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_softmax_topk_is_exact_only_at_a_uniform_router_and_says_so(granularity, capsys):
+    """Softmax-then-top-k (weights not renormalised): w2 is scaled so a uniform router is
+    exact; the learnable router the upcycle starts from is not, and one line says how far."""
+    dense, tokens = build(TINY, 0), make_tokens(0)
+    state = {"model." + k: v for k, v in dense.state_dict().items()}
+    grown = upcycle_tensors(state, TINY, num_experts=4, top_k=2 * granularity,
+                            granularity=granularity, router="softmax_topk")  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1, lines
+    found = re.fullmatch(
+        r"upcycle: --router softmax_topk is not function-preserving: each MoE layer computes "
+        r"the dense MLP times a per-token factor in \[(\S+), (\S+)\] \(max deviation (\S+)% on "
+        r"1024 probe tokens\); --router softmax_topk_renorm is exact", lines[0])
+    low, high, deviation = map(float, found.groups())
+    assert low < high and deviation > 0
+    model = grown_model(grown)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens), dense(tokens), atol=1e-5, rtol=0)
+        for layer in model.layers.values():
+            layer.feed_forward.gate.weight.zero_()  # uniform router
+        torch.testing.assert_close(model(tokens), dense(tokens), atol=1e-5, rtol=0)
+
+
+def test_renormalised_upcycle_prints_nothing(capsys):
+    state = {"model." + k: v for k, v in build(TINY, 0).state_dict().items()}
+    upcycle_tensors(state, TINY, num_experts=4, top_k=2)
+    assert capsys.readouterr().out == ""

@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trainer.checkpointer import expert_layouts
 from trainer.model import Llama, ModelConfig
 from trainer.model.config import MoEConfig
 from trainer.model.llama import FeedForward
-from trainer.model.moe import MoEFeedForward, expert_layouts, load_balancing_loss
+from trainer.model.moe import MoEFeedForward, load_balancing_loss
 
 DIM, HIDDEN = 16, 24
 

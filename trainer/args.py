@@ -1,5 +1,5 @@
-"""Command-line parsing shared by every `perennial` command: an optional config path first,
-then flags and `key=value` overrides in any order."""
+"""Command-line parsing shared by every `perennial` command and the worker (`python -m
+trainer`): an optional config path first, then flags and `key=value` overrides in any order."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class UsageError(ValueError):
     """A malformed command line; reported as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and exit 2 itself
         raise UsageError(f"{self.prog}: {message}")
 
@@ -32,7 +32,7 @@ class JobArgs:
 def parse_job_args(
     argv: list[str], prog: str, add_flags: Callable[[argparse.ArgumentParser], None] | None = None
 ) -> JobArgs:
-    parser = _Parser(prog=prog, add_help=True)
+    parser = Parser(prog=prog, add_help=True)
     if add_flags is not None:
         add_flags(parser)
     flags, rest = parser.parse_known_args(argv)

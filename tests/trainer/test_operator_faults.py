@@ -82,8 +82,9 @@ def test_killed_launcher_leaves_no_process_behind(tmp_path, data_cache):
     run.wait_for(r"paused in step", timeout=300)
     tree = psutil.Process(run.proc.pid).children(recursive=True)
     commands = [" ".join(p.cmdline()) for p in tree]
-    for part in ("torch.distributed.run", "-m trainer", "snapshot.keeper"):
-        assert any(part in c for c in commands), commands
+    for parts in (("launch.torchrun", "torch.distributed.run"), ("-m trainer",),
+                  ("snapshot.keeper",)):
+        assert any(part in c for c in commands for part in parts), commands
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait()
     _, alive = psutil.wait_procs(tree, timeout=30)

@@ -11,13 +11,12 @@ the projections needs no change here. RoPE uses the rotate-half convention of Hu
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.config import ModelConfig
+from trainer.model.init import init_parameters
 from trainer.model.moe import MoEFeedForward
 
 
@@ -103,9 +102,6 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-_RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2")
-
-
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,18 +123,21 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, std) init; output projections of each residual branch are scaled down by
-        depth (GPT-2 / torchtitan), so the residual stream's variance does not grow with depth."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(_RESIDUAL_OUTPUTS):
-                param.normal_(0.0, residual_std, generator=generator)
-            else:
-                param.normal_(0.0, std, generator=generator)
+    def init_weights(self, seed: int | torch.Generator = 0) -> None:
+        """Normal(0, std) init, output projections of each residual branch scaled down by depth
+        (GPT-2 / torchtitan), drawn per element from (seed, name, index) (trainer/model/init.py),
+        so a sharded model initialised with `init_parameters` gets the same values."""
+        if isinstance(seed, torch.Generator):
+            seed = seed.initial_seed()
+        init_parameters(self.named_parameters(), self.cfg.init_std, self.cfg.n_layers, seed)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables in place (after `to_empty` of a meta-device model)."""
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len,
+                               self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]

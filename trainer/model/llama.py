@@ -170,9 +170,9 @@ class Llama(nn.Module):
         return out
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(_numel(p) for p in self.parameters())
         if exclude_embeddings:
-            total -= self.tok_embeddings.weight.numel()
+            total -= _numel(self.tok_embeddings.weight)
         return total
 
     def active_params(self, exclude_embeddings: bool = False) -> int:
@@ -180,7 +180,7 @@ class Llama(nn.Module):
         total = self.num_params(exclude_embeddings)
         moe = self.cfg.moe
         for block in self.moe_blocks.values():
-            per_expert = sum(p.numel() // p.shape[0] for p in block.experts.parameters())
+            per_expert = sum(_numel(p) // moe.num_experts for p in block.experts.parameters())
             total -= per_expert * (moe.num_experts - moe.top_k)
         return total
 
@@ -189,3 +189,8 @@ class Llama(nn.Module):
         attention scores (PaLM appendix B, as torchtitan and Megatron count it)."""
         n = self.active_params(exclude_embeddings=True)
         return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 left only an empty placeholder."""
+    return getattr(param, "ds_numel", param.numel())

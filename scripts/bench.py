@@ -32,6 +32,7 @@ BENCHMARKS = [
     ("ds_import", "bench_ds_import", "ckpt import vs DeepSpeed ds_to_universal"),
     ("throughput", "bench_throughput", "perennial train vs a bare PyTorch loop"),
     ("data", "bench_data", "data prepare 1 vs 2 processes, memory vs corpus size, shard loading"),
+    ("memory", "bench_memory", "peak memory per rank vs world size (FSDP2)"),
 ]
 
 

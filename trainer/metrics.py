@@ -4,7 +4,8 @@ Each line says where the run is (`step 120/300`, elapsed, ETA) and its throughpu
 the last few logged intervals (the first interval after a start, which pays for warm-up, leaves
 the window as soon as another is there); `metrics.jsonl` keeps the raw interval value too.
 On GPUs it adds MFU and memory (torch.cuda peak allocation, NVML device memory); on CPU those
-fields are absent rather than made up.
+fields are absent rather than made up. Every device reports `peak_rss_gib`, the largest peak
+resident set size (host memory high-water mark) of any rank so far.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from trainer.wandb_log import flatten, last_step_held, start_wandb
 
@@ -160,6 +163,7 @@ def format_line(record: dict, max_steps: int | None = None) -> str:
         "tokens_per_s": "tok/s {:,.0f}",
         "mfu": "mfu {:.1%}",
         "memory_gib": "mem {:.1f}GiB",
+        "peak_rss_gib": "rss {:.2f}GiB",
     }
     for key, fmt in formats.items():
         if record.get(key) is not None:
@@ -180,6 +184,20 @@ def duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_peak_rss_gib(device: torch.device) -> float:
+    """The largest peak RSS of any rank (a collective when a process group is up): one
+    all-reduce of one number per logged step."""
+    peak = torch.tensor([float(peak_rss_bytes())], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 2**30
 
 
 class Throughput:
@@ -229,5 +247,6 @@ class Throughput:
         if self.device.type == "cuda":
             out["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out["nvml_memory_gib"] = self.nvml.used_gib()
+        out["peak_rss_gib"] = max_peak_rss_gib(self.device)
         self.start, self.tokens, self.steps = now, 0, 0
         return out

@@ -24,10 +24,10 @@ from trainer.distributed import (
 from trainer.growth.midrun import grow_trainer, model_config_for_resume
 from trainer.health import HealthMonitor
 from trainer.metrics import MetricsLogger, Throughput, duration
-from trainer.model import Llama
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import clip_grad_norm_
-from trainer.parallel.parallelize import parallelize_llama, set_gradient_sync
+from trainer.parallel.materialize import build_parallel_llama
+from trainer.parallel.parallelize import set_gradient_sync
 from trainer.schedule import build_schedule
 from trainer.state import TrainState
 
@@ -66,21 +66,11 @@ class Trainer:
             self.cfg.model.vocab_size = self.data.vocab_size
 
     def build_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(parallelized, plain) model."""
-        torch.manual_seed(self.cfg.train.seed)
-        model = Llama(self.cfg.model)
-        # Every rank initialises the full model from the same seed, so the weights are the
-        # same whatever the layout; parallelize then keeps each rank's shard.
-        model.init_weights(torch.Generator().manual_seed(self.cfg.train.seed))
-        for layer in self.cfg.model.frozen_layers:  # e.g. after `grow stack --freeze-old`
-            model.layers[str(layer)].requires_grad_(False)
-        plain_model = model.to(self.dist.device)
-        parallel_model = parallelize_llama(
-            plain_model,
-            self.dims,
-            activation_checkpointing=self.cfg.train.activation_checkpointing,
-            compile=self.cfg.train.compile,
-            param_dtype=self.param_dtype,
+        """(parallelized, plain) model: built on the meta device, parallelised, then each rank
+        materialises and initialises only its shard; the values do not depend on the layout
+        (trainer/parallel/materialize.py)."""
+        plain_model, parallel_model = build_parallel_llama(
+            self.cfg, self.dims, self.dist.device, self.param_dtype
         )
         return parallel_model, plain_model
 

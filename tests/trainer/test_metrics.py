@@ -1,7 +1,9 @@
 import json
+import os
 import subprocess
 
 import pytest
+import torch
 
 from tests.trainer.runs import metrics, perennial, tiny_job
 from trainer.config import LogConfig
@@ -100,3 +102,13 @@ def test_smoothed_throughput_leaves_out_the_warm_up_interval(monkeypatch):
     assert rates[0]["tokens_per_s"] == 10.0 and rates[0]["tokens_per_s_smooth"] == 10.0
     assert [r["tokens_per_s_smooth"] for r in rates[1:]] == [100.0, 100.0, 100.0]
     assert rates[-1]["eta_s"] == 6.0 and rates[-1]["elapsed_s"] == 13.0
+def test_peak_rss_is_measured_and_on_the_step_line():
+    from trainer.metrics import max_peak_rss_gib, peak_rss_bytes
+
+    ballast = torch.ones(64 * 2**20)  # 256 MiB resident: the high-water mark is above it
+    resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert resident >= ballast.numel() * 4
+    assert peak_rss_bytes() >= resident - 16 * 2**20  # the kernel syncs its counters lazily
+    assert abs(max_peak_rss_gib(torch.device("cpu")) - peak_rss_bytes() / 2**30) < 0.02
+    del ballast
+    assert "rss 1.23GiB" in format_line({"step": 1, "peak_rss_gib": 1.234})

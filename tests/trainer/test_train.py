@@ -31,3 +31,4 @@ def test_layout_matches_single_process(tmp_path, data_cache, single, nproc, layo
     torch.testing.assert_close(losses(records), expected, rtol=1e-5, atol=1e-5)
     assert expected[5] < expected[1] - 0.5, "the tiny job should visibly learn"
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in records)
+    assert all(0.05 < r["peak_rss_gib"] < 20 for r in records)  # the largest rank's peak RSS

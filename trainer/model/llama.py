@@ -11,13 +11,12 @@ the projections needs no change here. RoPE uses the rotate-half convention of Hu
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.config import ModelConfig
+from trainer.model.init import init_parameters
 from trainer.model.moe import MoEFeedForward
 
 
@@ -103,9 +102,6 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-_RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2")
-
-
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,18 +123,21 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, std) init; output projections of each residual branch are scaled down by
-        depth (GPT-2 / torchtitan), so the residual stream's variance does not grow with depth."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(_RESIDUAL_OUTPUTS):
-                param.normal_(0.0, residual_std, generator=generator)
-            else:
-                param.normal_(0.0, std, generator=generator)
+    def init_weights(self, seed: int | torch.Generator = 0) -> None:
+        """Normal(0, std) init, output projections of each residual branch scaled down by depth
+        (GPT-2 / torchtitan), drawn per element from (seed, name, index) (trainer/model/init.py),
+        so a sharded model initialised with `init_parameters` gets the same values."""
+        if isinstance(seed, torch.Generator):
+            seed = seed.initial_seed()
+        init_parameters(self.named_parameters(), self.cfg.init_std, self.cfg.n_layers, seed)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables in place (after `to_empty` of a meta-device model)."""
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len,
+                               self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -171,9 +170,9 @@ class Llama(nn.Module):
         return out
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(_numel(p) for p in self.parameters())
         if exclude_embeddings:
-            total -= self.tok_embeddings.weight.numel()
+            total -= _numel(self.tok_embeddings.weight)
         return total
 
     def active_params(self, exclude_embeddings: bool = False) -> int:
@@ -181,7 +180,7 @@ class Llama(nn.Module):
         total = self.num_params(exclude_embeddings)
         moe = self.cfg.moe
         for block in self.moe_blocks.values():
-            per_expert = sum(p.numel() // p.shape[0] for p in block.experts.parameters())
+            per_expert = sum(_numel(p) // moe.num_experts for p in block.experts.parameters())
             total -= per_expert * (moe.num_experts - moe.top_k)
         return total
 
@@ -190,3 +189,8 @@ class Llama(nn.Module):
         attention scores (PaLM appendix B, as torchtitan and Megatron count it)."""
         n = self.active_params(exclude_embeddings=True)
         return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 left only an empty placeholder."""
+    return getattr(param, "ds_numel", param.numel())

@@ -12,6 +12,9 @@ from trainer.data.config import DataConfig
 from trainer.model.config import ModelConfig
 from trainer.schedule import ScheduleConfig
 
+AUTO_MICRO_BATCH_MAX = 8
+"""train.micro_batch_size=0 picks the largest divisor of the per-rank batch up to this."""
+
 
 @dataclass
 class RunConfig:
@@ -23,12 +26,15 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
+    max_steps: int = 200
     """Optimizer step at which this run stops (the schedule may be longer)."""
-    global_batch_size: int = 16
-    """Sequences per optimizer step, whatever the world size."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward on one rank; gradient accumulation fills the rest."""
+    global_batch_size: int = 24
+    """Sequences per optimizer step, whatever the world size; must be divisible by the
+    data-parallel size (the default 24 fits 1, 2, 3, 4 and 8 processes)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on one rank; gradient accumulation fills the rest.
+    0 = auto: the largest divisor of the per-rank batch (global_batch_size / data-parallel
+    size) that is <= 8. An explicit value must divide the per-rank batch."""
     seed: int = 1234
     """Seeds weight init, the data order and the per-rank RNG streams."""
     log_interval: int = 10
@@ -47,6 +53,14 @@ class TrainConfig:
     """Seconds one step (its eval and checkpoint writes included) may take before the rank
     dumps its stacks and exits so the launcher restarts the group from the newest checkpoint;
     0 = off. Give it several times the slowest step (see trainer/health.py)."""
+
+    def micro_batch_for(self, dp: int) -> int:
+        """micro_batch_size on `dp` data-parallel ranks, resolving 0 (auto)."""
+        if self.micro_batch_size:
+            return self.micro_batch_size
+        per_rank = self.global_batch_size // dp
+        return max(m for m in range(1, min(per_rank, AUTO_MICRO_BATCH_MAX) + 1)
+                   if per_rank % m == 0)
 
 
 @dataclass

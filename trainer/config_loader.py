@@ -112,9 +112,12 @@ def validate(cfg: JobConfig) -> None:
     cfg.data.validate()
     cfg.schedule.validate(cfg.optim.lr)
     train = cfg.train
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_interval"):
+    for key in ("max_steps", "global_batch_size", "log_interval"):
         if getattr(train, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(train, key)}")
+    if train.micro_batch_size < 0:
+        raise ValueError(f"train.micro_batch_size must be >= 0 (0 = auto), got "
+                         f"{train.micro_batch_size}")
     if train.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ValueError(
             f"train.mixed_precision must be auto, bf16 or fp32, got {train.mixed_precision!r}"
@@ -185,13 +188,15 @@ def validate_layout(cfg: JobConfig, world_size: int) -> None:
     tp = cfg.parallel.tp
     if world_size % tp:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tp ({tp})")
-    dp = world_size // tp
-    per_step = dp * cfg.train.micro_batch_size
-    if cfg.train.global_batch_size % per_step:
+    dp, train = world_size // tp, cfg.train
+    if train.micro_batch_size and train.global_batch_size % (dp * train.micro_batch_size):
         raise ValueError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) is not divisible by "
-            f"data-parallel size ({dp}) × train.micro_batch_size ({cfg.train.micro_batch_size})"
+            f"train.global_batch_size ({train.global_batch_size}) is not divisible by "
+            f"data-parallel size ({dp}) × train.micro_batch_size ({train.micro_batch_size})"
         )
+    if train.global_batch_size % dp:
+        raise ValueError(f"train.global_batch_size ({train.global_batch_size}) is not divisible "
+                         f"by data-parallel size ({dp})")
     if cfg.parallel.strategy == "deepspeed":
         from trainer.parallel.deepspeed_backend import check_ds_config
 

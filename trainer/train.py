@@ -60,7 +60,8 @@ class Trainer:
     # -- build, in pipeline order -------------------------------------------------------
     def build_data(self) -> None:
         t = self.cfg.train
-        self.data = build_data(self.cfg.data, t.seed, t.global_batch_size, t.micro_batch_size,
+        micro = t.micro_batch_for(self.dims.dp)
+        self.data = build_data(self.cfg.data, t.seed, t.global_batch_size, micro,
                                self.cfg.model.vocab_size, self.dist.device.type == "cuda")
         if not self.cfg.model.vocab_size:
             self.cfg.model.vocab_size = self.data.vocab_size

@@ -32,7 +32,7 @@ def test_dry_run_prints_the_resolved_config(capsys):
     "argv, fragment",
     [
         (["train", "--dry-run", "train.nope=1"], "train.nope"),
-        (["train", "--nproc", "3", "--dry-run"], "train.global_batch_size"),
+        (["train", "--nproc", "5", "--dry-run"], "train.global_batch_size"),
         (["train", "missing.yaml", "--dry-run"], "missing.yaml"),
         (["frobnicate"], "frobnicate"),
     ],

@@ -71,7 +71,7 @@ def test_world_size_names_the_processes_and_the_key():
     with pytest.raises(ValueError, match=r"3 process\(es\) per node × 1 node.*parallel.tp"):
         check_world_size(cfg, 3, 1)
     with pytest.raises(ValueError, match="train.global_batch_size"):
-        check_world_size(load_config(None, []), 3, 2)
+        check_world_size(load_config(None, []), 5, 2)
     check_world_size(cfg, 2, 2)
 
 

@@ -68,6 +68,18 @@ def test_quick_tour(tmp_path):
     assert (tmp_path / "runs" / "tp" / "checkpoints").is_dir()
 
 
+def test_resume_on_another_layout_with_the_default_batch(tmp_path):
+    """The README's resume example as written: the default job (its batch, model and data),
+    2 DDP ranks then 3 FSDP2 ranks; only the step counts are shortened."""
+    first, second = readme_commands("### Resume, change layout")
+    quiet, cache = ["eval.interval=0", "log.progress=false"], tmp_path / "cache"
+    run(first, tmp_path, cache, ["train.max_steps=2", "schedule.total_steps=4", *quiet])
+    resumed = run(second, tmp_path, cache, ["train.max_steps=4", *quiet])
+    assert "(step 2)" in resumed.stdout + resumed.stderr
+    records = [json.loads(line) for line in (tmp_path / "runs/a/metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r][-1] == 4
+
+
 def save_tiny_mixtral(path: Path) -> None:
     from tests.trainer.model.test_hf_mixtral import MOE
     from trainer.model.hf import model_config_to_hf

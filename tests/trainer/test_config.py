@@ -61,6 +61,28 @@ def test_layout_checks_name_batch_and_tp():
         validate_layout(cfg, world)
     with pytest.raises(ValueError, match="train.global_batch_size"):
         validate_layout(cfg, 4)
+    with pytest.raises(ValueError, match=r"^train.global_batch_size \(12\) is not divisible by "
+                       r"data-parallel size \(4\) × train.micro_batch_size \(2\)$"):
+        validate_layout(cfg, 4)
     tp_cfg = load_config(None, ["parallel.tp=2"])
     with pytest.raises(ValueError, match="parallel.tp"):
         validate_layout(tp_cfg, 3)
+
+
+@pytest.mark.parametrize("world, micro", [(1, 8), (2, 6), (3, 8), (4, 6), (8, 3)])
+def test_default_job_fits_every_documented_nproc(world, micro):
+    """README: --nproc 1, 2, 3, 4 and 8 run the default job as written (micro batch auto)."""
+    cfg = load_config(None)
+    validate_layout(cfg, world)
+    assert cfg.train.micro_batch_size == 0 and cfg.train.micro_batch_for(world) == micro
+
+
+def test_auto_micro_batch_refuses_an_indivisible_global_batch():
+    with pytest.raises(ValueError, match=r"^train.global_batch_size \(24\) is not divisible by "
+                       r"data-parallel size \(5\)$"):
+        validate_layout(load_config(None), 5)
+    cfg = load_config(None, ["train.global_batch_size=14", "parallel.tp=2"])
+    validate_layout(cfg, 4)  # dp 2: 7 per rank, micro 7
+    assert cfg.train.micro_batch_for(2) == 7 and cfg.train.micro_batch_for(1) == 7
+    with pytest.raises(ValueError, match="train.micro_batch_size must be >= 0"):
+        load_config(None, ["train.micro_batch_size=-1"])

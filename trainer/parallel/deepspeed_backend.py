@@ -37,10 +37,11 @@ _OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "schedule.*"}
 def ds_config_for(cfg, world_size: int, param_dtype: torch.dtype) -> tuple[dict, dict[str, str]]:
     """(DeepSpeed config, DeepSpeed key -> the key of ours it comes from)."""
     t = cfg.train
-    accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
+    micro = t.micro_batch_for(world_size)  # DeepSpeed runs with parallel.tp=1: dp = world
+    accumulation = t.global_batch_size // (micro * world_size)
     fields = {
         "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
-        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "train_micro_batch_size_per_gpu": (micro, "train.micro_batch_size"),
         "gradient_accumulation_steps": (accumulation, "train.global_batch_size"),
         "gradient_clipping": (float(t.grad_clip), "train.grad_clip"),
         "bf16.enabled": (param_dtype == torch.bfloat16, "train.mixed_precision"),

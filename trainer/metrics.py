@@ -110,6 +110,9 @@ def format_line(record: dict) -> str:
         "tokens_per_s": "tok/s {:,.0f}",
         "mfu": "mfu {:.1%}",
         "memory_gib": "mem {:.1f}GiB",
+        "moe_aux_loss": "aux {:.4f}",
+        "moe_z_loss": "z {:.2e}",
+        "moe_max_expert_share": "max-expert {:.1%}",
     }
     for key, fmt in formats.items():
         if record.get(key) is not None:

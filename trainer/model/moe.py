@@ -5,7 +5,9 @@ Experts are stored stacked, one 3-D parameter per projection (`experts.w1 [E, hi
 tensor dimension for FSDP2 and the checkpoint layer (declared with `expert_layouts`). Routing is
 dropless unless `model.moe.capacity_factor` is set. Each forward stores its layer's
 coefficient-weighted load-balancing and z losses on the module (`aux_loss`, `z_loss`);
-`Llama.aux_loss()` sums them for the trainer.
+`Llama.aux_loss()` sums them for the trainer. The experts run either as a per-expert loop or as
+one grouped computation over a padded batch without host syncs (`MoEFeedForward.uses_grouped`:
+with a capacity factor, expert parallelism or torch.compile); both give the same numbers.
 
 Names, and their Hugging Face Mixtral equivalents (expert j is row j of the stacked tensor):
 
@@ -55,6 +57,7 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """[experts, rows, dim] -> [experts, rows, dim]."""
         w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
         hidden = F.silu(batch @ w1.transpose(1, 2)) * (batch @ w3.transpose(1, 2))
         return hidden @ w2.transpose(1, 2)
@@ -124,6 +127,7 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
+        self.expert_parallel = False  # set by trainer.parallel.expert_parallel.apply_ep
 
     def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.gate(tokens).float()
@@ -150,15 +154,34 @@ class MoEFeedForward(nn.Module):
         return math.ceil(cf * num_tokens * self.cfg.top_k / self.cfg.num_experts) if cf else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Route, scatter the slots into a padded [E, rows, dim] batch, run the experts on it,
-        gather each slot's output back and sum a token's k slots by their router weights.
-        rows = the capacity, or every token when dropless (an expert takes a token at most
-        once): O(E x tokens x dim) memory for the padded batch; set model.moe.capacity_factor
-        to bound it by cf x k x tokens x dim."""
         tokens = x.reshape(-1, x.shape[-1])
-        num_tokens, num_experts = tokens.shape[0], self.cfg.num_experts
         _, experts, weights = self.route(tokens)
-        rows = min(self.capacity(num_tokens) or num_tokens, num_tokens)
+        capacity = self.capacity(tokens.shape[0])
+        if self.uses_grouped():
+            out = self.grouped(tokens, experts, weights, capacity)
+        else:
+            out = per_expert_loop(self.experts, tokens, experts, weights, capacity)
+        return out.view_as(x)
+
+    def uses_grouped(self) -> bool:
+        """The grouped path runs with a capacity factor (its padding is then small), under
+        expert parallelism (the all-to-all needs static shapes) and under torch.compile (no
+        host sync in the graph). Dropless eager keeps the loop: the padded batch would be
+        E/k times the loop's expert FLOPs (see docs/benchmarks.md, MoE grouped experts)."""
+        return bool(
+            self.cfg.capacity_factor
+            or self.expert_parallel
+            or torch.compiler.is_compiling()
+        )
+
+    def grouped(
+        self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, capacity: int
+    ) -> torch.Tensor:
+        """Scatter the slots into a padded [E, rows, dim] batch, run the experts on it, gather
+        each slot's output back and sum a token's k slots by their router weights. rows = the
+        capacity, or every token when dropless (an expert takes a token at most once)."""
+        num_tokens, num_experts = tokens.shape[0], self.cfg.num_experts
+        rows = min(capacity or num_tokens, num_tokens)
         dest = slot_rows(experts, num_experts, rows)
         slot_tokens = tokens.repeat_interleave(self.cfg.top_k, dim=0)
         batch = tokens.new_zeros(num_experts * rows + 1, tokens.shape[1])
@@ -166,7 +189,7 @@ class MoEFeedForward(nn.Module):
         out = self.experts(batch.view(num_experts, rows, -1)).reshape(num_experts * rows, -1)
         out = torch.cat([out, out.new_zeros(1, out.shape[1])])  # the spare row stays zero
         slots = out[dest] * weights.reshape(-1, 1).to(out.dtype)
-        return slots.view(num_tokens, self.cfg.top_k, -1).sum(1).view_as(x)
+        return slots.view(num_tokens, self.cfg.top_k, -1).sum(1)
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, coef: float) -> torch.Tensor:

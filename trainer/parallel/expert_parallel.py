@@ -28,6 +28,7 @@ from trainer.model.moe import GroupedExperts
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     for block in model.moe_blocks.values():
+        block.expert_parallel = True
         distribute_module(
             block.experts,
             ep_mesh,

@@ -27,13 +27,13 @@ def test_grouped_experts_equal_the_per_expert_loop(capacity_factor):
     for param in moe.parameters():
         torch.nn.init.normal_(param, std=0.3)
     x = torch.randn(3, 7, 16, requires_grad=True)
-    grouped = moe(x).reshape(-1, 16)
     tokens = x.reshape(-1, 16)
     _, experts, weights = moe.route(tokens)
+    grouped = moe.grouped(tokens, experts, weights, moe.capacity(tokens.shape[0]))
     looped = per_expert_loop(moe.experts, tokens, experts, weights, moe.capacity(tokens.shape[0]))
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
     probe = torch.randn_like(grouped)
-    grads = torch.autograd.grad((grouped * probe).sum(), [x, moe.experts.w2])
+    grads = torch.autograd.grad((grouped * probe).sum(), [x, moe.experts.w2], retain_graph=True)
     expected = torch.autograd.grad((looped * probe).sum(), [x, moe.experts.w2])
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -45,7 +45,10 @@ def test_grouped_experts_compile_without_graph_breaks():
         torch.nn.init.normal_(param, std=0.3)
     x = torch.randn(2, 5, 16)
     compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), moe(x))
+    torch.testing.assert_close(compiled(x), moe(x))  # compiled: grouped; eager: the loop
+    eager_share = moe.tokens_per_expert
+    compiled(x)
+    assert torch.equal(moe.tokens_per_expert, eager_share) and eager_share.sum() == 2 * 5 * 2
 
 
 def fresh_moe_model():

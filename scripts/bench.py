@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("reshard", "bench_reshard", "same- vs cross-layout load, vs torch DCP"),
     ("ds_import", "bench_ds_import", "ckpt import vs DeepSpeed ds_to_universal"),
     ("throughput", "bench_throughput", "perennial train vs a bare PyTorch loop"),
+    ("moe", "bench_moe", "MoE grouped experts vs the per-expert loop"),
 ]
 
 

@@ -25,7 +25,7 @@ from scripts.report import emit, fmt_ms, machine_facts, verdict  # noqa: E402
 from trainer.model.config import MoEConfig  # noqa: E402
 from trainer.model.moe import MoEFeedForward, per_expert_loop  # noqa: E402
 
-DIM, HIDDEN, EXPERTS, TOP_K = 256, 512, 8, 2
+DIM, HIDDEN, EXPERTS, TOP_K = 128, 256, 8, 2
 
 
 def looped_forward(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def report(results: dict, tokens: int) -> str:
 
 
 def markdown(quick: bool) -> str:
-    tokens, reps = (512, 3) if quick else (4096, 5)
+    tokens, reps = (256, 2) if quick else (2048, 5)
     return report(run(tokens, reps), tokens)
 
 

@@ -90,3 +90,14 @@ def test_ep2_matches_one_process():
     torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-5)
     assert losses == results[1][1]
     assert reference[-1] < reference[0]
+
+
+@pytest.mark.slow
+def test_ep2_inside_dp4_matches_one_process():
+    """dp_mod_ep = 2: experts also FSDP-sharded and reduced across the two ep groups."""
+    reference_model = fresh_moe_model()
+    reference_grad = expert_gradient(reference_model)
+    reference = train_losses(reference_model)
+    grad, losses = run_distributed(expert_parallel_losses, 4, args=(2,))[0]
+    torch.testing.assert_close(torch.tensor(grad), reference_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-5)

@@ -56,11 +56,29 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
+    grad_scale = 1.0
+    """Factor on the weights' gradients only (expert parallelism: 1 / ep, see apply_ep)."""
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """[experts, rows, dim] -> [experts, rows, dim]."""
         w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
+        if self.grad_scale != 1.0:
+            w1, w2, w3 = (_ScaleGrad.apply(w, self.grad_scale) for w in (w1, w2, w3))
         hidden = F.silu(batch @ w1.transpose(1, 2)) * (batch @ w3.transpose(1, 2))
         return hidden @ w2.transpose(1, 2)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ exact counts, which needs a host sync per layer).
 Parameters become DTensors `Shard(0)` on the ep mesh, so a saved expert tensor is one global
 stacked tensor `[num_experts, ...]` whatever E: checkpoints reshard between EP degrees through
 the ordinary box logic. Gradients of expert weights already sum the tokens of the whole ep
-group, so data-parallel reduction for them runs over `dp_mod_ep` only (apply_fsdp).
+group, so they are scaled by 1 / ep and reduced over `dp_mod_ep` only (apply_fsdp).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from trainer.model.moe import GroupedExperts
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     for block in model.moe_blocks.values():
         block.expert_parallel = True
+        block.experts.grad_scale = 1.0 / ep_mesh.size()  # see apply_fsdp
         distribute_module(
             block.experts,
             ep_mesh,

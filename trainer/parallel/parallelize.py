@@ -100,11 +100,12 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype) -
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     dp_mesh = dims["dp"]
     if dims.ep_enabled:
-        # Expert gradients already sum over the ep group's tokens: reduce over dp_mod_ep only,
-        # and divide by the whole dp size like every other gradient (torchtitan does the same).
+        # Expert gradients already sum over the ep group's tokens: reduce over dp_mod_ep only
+        # (FSDP divides by its size); apply_ep scaled them by 1 / ep, so the total divisor is
+        # dp like every other gradient. (set_gradient_divide_factor would need PREMUL_SUM,
+        # which gloo lacks.)
         for experts in expert_modules(model):
             fully_shard(experts, mesh=dims["dp_mod_ep"], mp_policy=policy)
-            experts.set_gradient_divide_factor(float(dims.dp))
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's parameters are gathered again by the root at backward start anyway.

@@ -81,4 +81,6 @@ def build_pipeline(
 
     cls = SCHEDULES[schedule]
     stage_arg = stages if cls is ScheduleInterleaved1F1B else stages[0]
-    return cls(stage_arg, n_microbatches=microbatches, loss_fn=loss_fn), modules
+    # scale_grads=False: loss_fn already divides by the micro-batch count.
+    schedule_obj = cls(stage_arg, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return schedule_obj, modules

@@ -27,6 +27,7 @@ def ep2_runs(tmp_path_factory, data_cache):
     return reference, half
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "nproc, layout, exact",
     [(2, "parallel.ep=2", True), (1, "parallel.ep=1", False)],

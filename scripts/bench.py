@@ -33,6 +33,7 @@ BENCHMARKS = [
     ("throughput", "bench_throughput", "perennial train vs a bare PyTorch loop"),
     ("data", "bench_data", "data prepare 1 vs 2 processes, memory vs corpus size, shard loading"),
     ("memory", "bench_memory", "peak memory per rank vs world size (FSDP2)"),
+    ("moe", "bench_moe", "MoE grouped experts vs the per-expert loop"),
 ]
 
 

@@ -85,6 +85,10 @@ class ParallelConfig:
     """Data parallelism: fsdp (FSDP2 fully_shard), ddp, or deepspeed (a ZeRO engine)."""
     tp: int = 1
     """Tensor-parallel degree; the data-parallel degree is world_size / tp."""
+    ep: int = 1
+    """Expert-parallel degree for MoE models: each MoE layer's experts are split across groups
+    of `ep` data-parallel ranks and tokens are exchanged by all-to-all (strategy=fsdp, tp=1;
+    model.moe.num_experts and the data-parallel size divisible by it)."""
     zero_stage: int = 1
     """With strategy=deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ weights)
     partitioned over the data-parallel ranks."""

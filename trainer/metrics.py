@@ -164,6 +164,9 @@ def format_line(record: dict, max_steps: int | None = None) -> str:
         "mfu": "mfu {:.1%}",
         "memory_gib": "mem {:.1f}GiB",
         "peak_rss_gib": "rss {:.2f}GiB",
+        "moe_aux_loss": "aux {:.4f}",
+        "moe_z_loss": "z {:.2e}",
+        "moe_max_expert_share": "max-expert {:.1%}",
     }
     for key, fmt in formats.items():
         if record.get(key) is not None:

@@ -24,6 +24,7 @@ from trainer.distributed import (
 from trainer.growth.midrun import grow_trainer, model_config_for_resume
 from trainer.health import HealthMonitor
 from trainer.metrics import MetricsLogger, Throughput, duration
+from trainer.moe_health import moe_health
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import clip_grad_norm_
 from trainer.parallel.materialize import build_parallel_llama
@@ -37,7 +38,8 @@ class Trainer:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
         validate_layout(cfg, self.dist.world_size)
-        self.dims = ParallelDims(self.dist.world_size, cfg.parallel.tp, cfg.parallel.strategy)
+        p = cfg.parallel
+        self.dims = ParallelDims(self.dist.world_size, p.tp, p.strategy, ep=p.ep)
         self.dims.build_mesh(self.dist.device.type)
         self.is_main = self.dist.rank == 0
         self.build_data()
@@ -186,7 +188,8 @@ class Trainer:
         self.throughput.add(tokens)
         self.state.tokens_seen += tokens
         loss = all_reduce_mean(loss_sum, self.dims["dp"].get_group())
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        health = moe_health(self.state.plain_model, self.dims["dp"].get_group())
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **health}
 
     def _accumulate_and_step(self, micro_batches) -> tuple[torch.Tensor, float]:
         loss_sum = torch.zeros((), device=self.dist.device)

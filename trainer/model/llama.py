@@ -146,10 +146,12 @@ class Llama(nn.Module):
                 f"sequence length {seq} exceeds model.max_seq_len {self.cfg.max_seq_len}"
             )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        h = self.tok_embeddings(tokens)
+        # A pipeline stage (trainer/parallel/pipeline.py) drops the modules it does not own:
+        # then it takes / returns hidden states instead of tokens / logits.
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h)) if self.output is not None else h
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of every MoE layer's weighted load-balancing and z losses from the last forward

@@ -10,19 +10,33 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 @dataclass
 class ParallelDims:
-    """World = dp × tp; ranks of one tensor-parallel group are adjacent (fastest link)."""
+    """World = pp × dp × tp, torchtitan's order: ranks of one tensor-parallel group are adjacent
+    (fastest link), pipeline stages the outermost. With expert parallelism the dp ranks form a
+    (dp_mod_ep, ep) grid and `dp` is their flattened mesh: each ep group of adjacent dp ranks
+    holds every expert once."""
 
     world_size: int
     tp: int = 1
     strategy: str = "fsdp"
+    ep: int = 1
+    pp: int = 1
     _mesh: DeviceMesh | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        assert self.world_size % self.tp == 0, (self.world_size, self.tp)
+        assert self.world_size % (self.tp * self.pp) == 0, (self.world_size, self.tp, self.pp)
+        assert self.dp % self.ep == 0, (self.dp, self.ep)
 
     @property
     def dp(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
 
     @property
     def tp_enabled(self) -> bool:
@@ -38,7 +52,16 @@ class ParallelDims:
         return self.strategy == "ddp" and self.dp > 1
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        self._mesh = init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        shape: list[tuple[str, int]] = [("pp", self.pp)] if self.pp_enabled else []
+        if self.ep_enabled:
+            shape += [("dp_mod_ep", self.dp // self.ep), ("ep", self.ep)]
+        else:
+            shape.append(("dp", self.dp))
+        shape.append(("tp", self.tp))
+        names, sizes = zip(*shape)
+        self._mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        if self.ep_enabled:
+            self._mesh["dp_mod_ep", "ep"]._flatten("dp")
         return self._mesh
 
     def __getitem__(self, name: str) -> DeviceMesh:

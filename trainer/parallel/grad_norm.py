@@ -22,9 +22,12 @@ def _group_key(grad: torch.Tensor) -> object:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm_(
+    params: Iterable[torch.nn.Parameter], max_norm: float, pp_group=None
+) -> float:
     """Clip gradients in place to a global L2 norm of `max_norm` (0 = no clipping) and
-    return the norm before clipping."""
+    return the norm before clipping. `pp_group`: the pipeline group whose other stages hold
+    the rest of the parameters (their squared norms are summed over it)."""
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for grad in grads:
@@ -35,6 +38,10 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> fl
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squared += float(norm) ** 2
+    if pp_group is not None:
+        across = torch.tensor(squared, dtype=torch.float64)
+        torch.distributed.all_reduce(across, group=pp_group)
+        squared = float(across)
     total = math.sqrt(squared)
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)

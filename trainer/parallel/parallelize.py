@@ -5,6 +5,8 @@
 2. Activation checkpointing: wraps whole blocks, after TP, so the recomputed forward runs the
    TP-sharded modules.
 3. torch.compile per block, after checkpointing, so each compiled region includes it.
+1b. Expert parallelism (trainer/parallel/expert_parallel.py): MoE experts sharded on the
+   expert dimension over `ep`, tokens moved by all-to-all.
 4. Data parallelism last: FSDP2 `fully_shard` per block and then the root (each block's
    all-gather overlaps the previous block's compute), or DDP over the `dp` sub-mesh; none when
    there is a single data-parallel rank.
@@ -26,6 +28,7 @@ from torch.distributed.tensor.parallel import (
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.parallel.dims import ParallelDims
+from trainer.parallel.expert_parallel import apply_ep, expert_modules
 
 
 def parallelize_llama(
@@ -37,12 +40,14 @@ def parallelize_llama(
 ) -> nn.Module:
     if dims.tp_enabled:
         apply_tp(model, dims["tp"])
+    if dims.ep_enabled:
+        apply_ep(model, dims["ep"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims["dp"], param_dtype)
+        apply_fsdp(model, dims, param_dtype)
     elif dims.ddp_enabled:
         return apply_ddp(model, dims["dp"])
     return model
@@ -91,8 +96,16 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, fullgraph=True)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype) -> None:
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    dp_mesh = dims["dp"]
+    if dims.ep_enabled:
+        # Expert gradients already sum over the ep group's tokens: reduce over dp_mod_ep only
+        # (FSDP divides by its size); apply_ep scaled them by 1 / ep, so the total divisor is
+        # dp like every other gradient. (set_gradient_divide_factor would need PREMUL_SUM,
+        # which gloo lacks.)
+        for experts in expert_modules(model):
+            fully_shard(experts, mesh=dims["dp_mod_ep"], mp_policy=policy)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's parameters are gathered again by the root at backward start anyway.

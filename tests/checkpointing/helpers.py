@@ -6,6 +6,7 @@ Dimensions are deliberately not divisible by 2 or 3 so every shard is uneven.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -161,3 +162,23 @@ def run_cases(tmp: Path, cases: list[tuple[str, str, str]]) -> list:
         if dist.is_initialized():
             dist.barrier()
     return results
+
+
+def downgrade_to_format_v1(path: Path) -> None:
+    """Rewrite checkpoint `path` as format version 1 wrote it: zlib crc32 blocks, no column
+    tiles, no metadata checksums (to test that old checkpoints stay readable)."""
+    index = json.loads((path / "index.json").read_text())
+    block = index["block_size"]
+    index.update(format_version=1, checksum="crc32")
+    index.pop("metadata_crc32")
+    for tensor in index["tensors"].values():
+        for box in tensor["shards"]:
+            data = (path / box["file"]).read_bytes()
+            raw = data[box["byte_offset"] : box["byte_offset"] + box["byte_length"]]
+            box.pop("tiles", None)
+            box["block_crc32"] = [zlib.crc32(raw[i : i + block]) for i in range(0, len(raw), block)]
+    (path / "index.json").write_text(json.dumps(index))
+    state = json.loads((path / "state.json").read_text())
+    state.pop("metadata_crc32")
+    state["format_version"] = 1
+    (path / "state.json").write_text(json.dumps(state))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import signal
@@ -19,6 +18,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from checkpointing import CheckpointManager, find_loadable
 from checkpointing.cli import main as ckpt
+from tests.checkpointing.helpers import downgrade_to_format_v1
 from tests.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,12 +234,7 @@ def test_verify_prints_one_line_per_damaged_file_and_counts(tmp_path, capsys):
 
 def test_format_v1_checkpoints_without_metadata_checksums_still_load(tmp_path, capsys):
     mgr = save_two(tmp_path)
-    for name in ("state.json", "index.json"):
-        path = tmp_path / "step-00000002" / name
-        obj = json.loads(path.read_text())
-        del obj["metadata_crc32"]
-        obj["format_version"] = 1
-        path.write_text(json.dumps(obj))
+    downgrade_to_format_v1(tmp_path / "step-00000002")
     loaded = {name: torch.zeros_like(t) for name, t in tensors_for(2).items()}
     result = mgr.load_latest(loaded)
     assert result.step == 2 and not result.skipped

@@ -3,8 +3,6 @@ checkpoints still readable, and tensor-parallel column loads read only their sha
 
 from __future__ import annotations
 
-import json
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from checkpointing import CheckpointManager, model_tensors, optimizer_tensors, reading
 from checkpointing.format import CheckpointDamaged, read_index
 from checkpointing.reading import Request, ShardFiles
+from tests.checkpointing.helpers import downgrade_to_format_v1
 from tests.distributed import run_distributed
 
 BLOCK = 256
@@ -108,16 +107,7 @@ def test_format_version_1_checkpoints_still_load(tmp_path):
     """A version-1 index (zlib crc32 blocks, no tiles), as earlier Perennial wrote it."""
     state = sample_state()
     path = CheckpointManager(tmp_path, block_size=BLOCK).save(1, state)
-    index = json.loads((path / "index.json").read_text())
-    data = (path / "shard-00000.safetensors").read_bytes()
-    index.update(format_version=1, checksum="crc32")
-    index.pop("metadata_crc32")  # version 1 had no metadata checksums (issue 18)
-    for tensor in index["tensors"].values():
-        for box in tensor["shards"]:
-            box.pop("tiles", None)
-            raw = data[box["byte_offset"] : box["byte_offset"] + box["byte_length"]]
-            box["block_crc32"] = [zlib.crc32(raw[i : i + BLOCK]) for i in range(0, len(raw), BLOCK)]
-    (path / "index.json").write_text(json.dumps(index))
+    downgrade_to_format_v1(path)
     loaded = {k: torch.zeros_like(v) for k, v in sample_state().items()}
     CheckpointManager(tmp_path, read_threads=3).load(path, loaded)
     assert all(torch.equal(loaded[k], state[k]) for k in state)

@@ -43,17 +43,18 @@ def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
         check_rendezvous_port(rdzv_endpoint)
     if cfg.checkpoint.memory_snapshots():
         check_shm_space(cfg, nproc, nproc * nnodes)
-    check_data(cfg)
+    check_data(cfg, nproc * nnodes)
 
 
-def check_data(cfg) -> None:
+def check_data(cfg, world_size: int) -> None:
     """Open every data source as the workers will, preparing raw ones into data.cache_dir
     first: an empty source, a missing column, an unreadable file, a tokenizer too large for
     model.vocab_size or one that differs from a prepared source's fails here, on one line."""
     from trainer.data import build_data
 
     t = cfg.train
-    build_data(cfg.data, t.seed, t.global_batch_size, t.micro_batch_size, cfg.model.vocab_size)
+    micro = t.micro_batch_for(world_size // cfg.parallel.tp)
+    build_data(cfg.data, t.seed, t.global_batch_size, micro, cfg.model.vocab_size)
 
 
 def check_world_size(cfg, nproc: int, nnodes: int) -> None:
@@ -90,12 +91,11 @@ def check_data_files(data_cfg) -> None:
     """Every local data file is non-empty, and the first record of a JSON Lines or Parquet
     file holds the source's text column (what the workers would fail on, one by one)."""
     for i, source in enumerate(data_cfg.sources):
-        path = os.path.expanduser(source.path)
-        if source.path.startswith("stdlib:") or (os.path.isdir(path) and is_prepared_dir(path)):
-            continue
+        if source.path.startswith("stdlib:") or is_prepared_dir(os.path.expanduser(source.path)):
+            continue  # built-in corpora and prepared shards are checked when they are opened
         key = f"data.sources[{i}]"
         raw = resolve_raw_source(source.path)
-        if raw.kind != "files":  # save_to_disk and hf: datasets checks them (check_data)
+        if raw.kind != "files":
             continue
         files = list(raw.files)
         for file in files:

@@ -23,7 +23,8 @@ from trainer.parallel.parallelize import parallelize_llama
 def build_parallel_llama(cfg, dims: ParallelDims, device: torch.device,
                          param_dtype: torch.dtype) -> tuple[Llama, nn.Module]:
     """(the plain model, the module to train) for `cfg` (a JobConfig)."""
-    return_freed_host_memory()
+    if cfg.train.return_freed_host_memory:
+        return_freed_host_memory()
     seed = cfg.train.seed
     if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
         return (model := build_zero3_llama(cfg, dims.world_size, param_dtype)), model

@@ -37,6 +37,7 @@ def build(model: ModelConfig):
     cfg = JobConfig()
     cfg.model = model
     cfg.train.device = "cpu"
+    cfg.train.return_freed_host_memory = True  # glibc keeps freed FSDP2 buffers otherwise
     dims = ParallelDims(dist.get_world_size(), 1, "fsdp")
     dims.build_mesh("cpu")
     return build_parallel_llama(cfg, dims, torch.device("cpu"), torch.float32)

@@ -20,6 +20,7 @@ from checkpointing import CheckpointManager, find_loadable
 from checkpointing.cli import main as ckpt
 from tests.checkpointing.helpers import downgrade_to_format_v1
 from tests.distributed import run_distributed
+from tests.tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -242,16 +243,10 @@ def test_format_v1_checkpoints_without_metadata_checksums_still_load(tmp_path, c
 
 
 def test_failed_save_on_a_full_disk_removes_its_temp_dir(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
         mgr = CheckpointManager(disk / "ckpt")
         with pytest.raises((OSError, RuntimeError), match="No space left"):
             mgr.save(1, {"model.w": torch.randn(512, 1024)})  # 2 MiB on a 1 MiB disk
         assert not [p.name for p in (disk / "ckpt").iterdir()], "the temp dir holds the space"
         mgr.save(2, tensors_for(2))  # the space is back
         assert [c.step for c in find_loadable(disk / "ckpt")] == [2]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)

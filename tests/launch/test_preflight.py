@@ -5,7 +5,6 @@ unwritable run.dir, and /dev/shm too small for the memory snapshots."""
 from __future__ import annotations
 
 import socket
-import subprocess
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from launch.preflight import (
     check_world_size,
     snapshot_bytes_per_node,
 )
+from tests.tmpfs import mounted_tmpfs
 from tests.trainer.runs import perennial, tiny_job
 from trainer.config_loader import load_config, to_yaml
 from trainer.distributed import free_port
@@ -114,16 +114,10 @@ def test_shm_too_small(tmp_path):
 
 
 def test_small_shm_sizes_are_readable(tmp_path):
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(shm)]).returncode:
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with mounted_tmpfs(tmp_path / "shm", "64k") as shm:
         cfg = load_config(None, [f"run.dir={tmp_path}", "checkpoint.interval=1"])
         with pytest.raises(ValueError) as err:
             check_shm_space(cfg, 1, 1, shm_dir=shm)
-    finally:
-        subprocess.run(["umount", "-l", str(shm)], check=False)
     assert f"{shm} has 64 KiB free" in str(err.value) and "0.00 GiB" not in str(err.value)
 
 

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from launch.keepers import shm_root_for
+from tests.tmpfs import mounted_tmpfs
 from tests.trainer.runs import REPO, metrics, perennial, tiny_job
 from tests.trainer.test_fault_injection import JOB, Run, no_leftover_runs, resumes  # noqa: F401
 
@@ -112,12 +113,8 @@ def test_slow_persist_skips_no_snapshot(tmp_path, data_cache):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MiB tmpfs: room for the run and two or three tiny checkpoints, no more."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("needs root to mount a tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with mounted_tmpfs(tmp_path / "disk", "16m") as mount:
+        yield mount
 
 
 def fill(path: Path) -> None:
@@ -204,18 +201,12 @@ def test_init_from_and_resume_skip_a_damaged_newest_checkpoint(tmp_path, data_ca
 
 
 def test_shared_memory_too_small_in_fact_turns_the_memory_tier_off(tmp_path, data_cache):
-    tiny = tmp_path / "shm"
-    tiny.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)]).returncode:
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with mounted_tmpfs(tmp_path / "shm", "64k") as tiny:
         run = Run(tmp_path / "run", data_cache, *IN_PROCESS, "train.max_steps=4",
                   "schedule.total_steps=4", "checkpoint.persist_interval=2",
                   env={"PERENNIAL_SHM_BASE": str(tiny)})
         run.proc.wait(timeout=240)
         run.reader.join(timeout=10)
-    finally:
-        subprocess.run(["umount", "-l", str(tiny)], check=False)
     assert run.proc.returncode == 0, run.log
     assert "memory snapshots are off" in run.log and "disk checkpoints" in run.log, run.log
     for step in (2, 4):

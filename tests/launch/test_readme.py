@@ -55,7 +55,7 @@ def run(command: str, cwd: Path, cache: Path, tiny: list[str] | None = None):
 
 def test_quick_tour(tmp_path):
     commands = readme_commands("## Quick tour")
-    assert len(commands) == 9, commands
+    assert len(commands) == 10, commands
     for command in commands:
         if "--nproc 2" in command or "--dry-run" in command:
             # Layouts are trained in tests/trainer/test_train.py and parallel/; here they

@@ -89,7 +89,7 @@ def test_slurm_peer_outside_a_job_names_the_variables(monkeypatch):
         (["--nodes", "0", "--gpus-per-node", "1"], "--nodes must be >= 1"),
         (["--nodes", "1", "--gpus-per-node", "0", "--time", "banana"],
          "--time 'banana' is not a Slurm time limit"),
-        (["--nodes", "2", "--gpus-per-node", "3"], "world size 6 does not fit the config"),
+        (["--nodes", "2", "--gpus-per-node", "5"], "world size 10 does not fit the config"),
     ],
     ids=["nproc-vs-gpus", "no-nodes", "bad-time", "world-size"],
 )

@@ -44,6 +44,17 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_command(argv: list[str]) -> int:
+    # The job talks to its workers through the environment; called in-process (tests, the
+    # in-process single worker) it must not leak into whatever the caller runs next.
+    saved = os.environ.copy()
+    try:
+        return _train(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _train(argv: list[str]) -> int:
     args = parse_job_args(argv, prog="perennial train", add_flags=_add_flags)
     flags = args.flags
     if flags.nproc < 1:

@@ -24,14 +24,23 @@ def assert_one_clean_line(proc, *fragments: str) -> str:
     return lines[0]
 
 
+def worker_only_error_job(tmp_path) -> list[str]:
+    """A job the launcher's checks pass and every worker refuses: only the warm start finds
+    that a torch DCP checkpoint holds no optimizer state to load."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "dcp"))
+    return tiny_job(tmp_path / "run", tmp_path / "cache", f"init.from={tmp_path / 'dcp'}",
+                    "init.load_optimizer=true")
+
+
 def test_a_worker_user_error_is_one_line_every_time(tmp_path):
     """Every try, not most: the error used to be lost in 2 of 3 runs."""
-    not_a_tokenizer = tmp_path / "empty-dir"  # exists (config check passes), holds no tokenizer
-    not_a_tokenizer.mkdir()
-    job = tiny_job(tmp_path / "run", tmp_path / "cache", f"data.tokenizer={not_a_tokenizer}")
+    job = worker_only_error_job(tmp_path)
     for _ in range(3):
         proc = perennial("train", *job, "--nproc", "2", check=False)
-        line = assert_one_clean_line(proc, "failed: data.tokenizer: cannot load a tokenizer from")
+        line = assert_one_clean_line(proc, "failed: init.from=", "is a torch DCP checkpoint")
         assert line.startswith("error: rank "), line
         assert proc.returncode == 2
 
@@ -47,9 +56,7 @@ def test_a_killed_rank_is_named_with_its_signal(tmp_path):
 
 
 def test_verbose_keeps_torchruns_report(tmp_path):
-    not_a_tokenizer = tmp_path / "empty-dir"
-    not_a_tokenizer.mkdir()
-    job = tiny_job(tmp_path / "run", tmp_path / "cache", f"data.tokenizer={not_a_tokenizer}")
+    job = worker_only_error_job(tmp_path)
     proc = perennial("train", *job, "--nproc", "2", "--verbose", check=False)
     assert "ChildFailedError" in proc.stderr or "Root Cause" in proc.stderr, proc.stderr
     assert len(error_lines(proc.stderr)) == 1

@@ -8,7 +8,9 @@ import torch
 from tests.trainer.runs import losses, perennial, tiny_job, train
 
 JOB = ["schedule.total_steps=8", "checkpoint.persist_interval=4"]
-TOL = {"rtol": 1e-4, "atol": 1e-4}
+# fp32 reduction order differs between ZeRO-1 on 2 ranks and one plain rank (6e-4 at step 8
+# seen at loss 4.52): the tolerance allows that, about 2e-4 relative.
+TOL = {"rtol": 1e-4, "atol": 1e-3}
 
 
 def deepspeed(stage: int) -> list[str]:

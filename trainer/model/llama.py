@@ -102,11 +102,31 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+# Built on the meta device, the model skips what materialising redoes (the embedding's default
+# init, the RoPE tables): a meta `normal_` or `arange` runs torch's Python reference, whose
+# first call imports torch._dynamo (3 s of CPU in every process that builds a model).
+def _building_on_meta() -> bool:
+    return torch.empty(0).is_meta
+
+
+def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    if _building_on_meta():  # init_weights draws every parameter
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
+    return nn.Embedding(vocab_size, dim)
+
+
+def _rope_buffers(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    head_dim = cfg.dim // cfg.n_heads
+    if _building_on_meta():  # init_buffers computes them
+        return torch.empty(cfg.max_seq_len, head_dim), torch.empty(cfg.max_seq_len, head_dim)
+    return rope_tables(head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = _embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0", "1", ... keeps names like `layers.3.attention.wq.weight`
         # and lets growth transforms insert or drop layers without renumbering modules.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
@@ -118,7 +138,7 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = _rope_buffers(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

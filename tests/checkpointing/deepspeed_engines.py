@@ -91,14 +91,40 @@ def save_live(stage: int, root: str) -> None:
         save_file({k: v.contiguous() for k, v in theirs.items()}, f"{root}/deepspeed.safetensors")
 
 
-if __name__ == "__main__":  # torchrun -m tests.checkpointing.deepspeed_engines STAGE DIR [live]
+def to_universal(src: str, step_dir: str = "global_step3") -> None:
+    """DeepSpeed's ds_to_universal conversion of `src/step_dir`, in this process."""
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    sys.argv = ["ds_to_universal", "--input_folder", f"{src}/{step_dir}",
+                "--output_folder", f"{src}/{step_dir}_universal",
+                "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    ds_to_universal.main(ds_to_universal.parse_arguments())
+
+
+def make_sources(root: str) -> None:
+    """Rank body: every source the DeepSpeed tests read, from one launch (a DeepSpeed import
+    costs seconds per process): root/zero{1,2,3} (engine.save_checkpoint, then ds_to_universal
+    on rank 0) and root/live{1,3} (save_live)."""
+    import torch.distributed as dist
+
+    for stage in (1, 2, 3):
+        train_and_save(stage, f"{root}/zero{stage}")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            to_universal(f"{root}/zero{stage}")
+    for stage in (1, 3):
+        save_live(stage, f"{root}/live{stage}")
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node 2 -m <this module> ROOT
     import sys
 
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    body = save_live if sys.argv[3:] == ["live"] else train_and_save
-    body(int(sys.argv[1]), sys.argv[2])
+    make_sources(sys.argv[1])
     dist.barrier()  # no rank tears gloo down while another still writes
     dist.destroy_process_group()
     from trainer.distributed import exit_skipping_teardown

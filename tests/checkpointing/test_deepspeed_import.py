@@ -3,36 +3,15 @@ equal DeepSpeed's zero_to_fp32 consolidation and Adam moments equal ds_to_univer
 a ds_to_universal folder imports to the same checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from checkpointing import CheckpointManager
-from tests.trainer.runs import REPO, perennial
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-
-
-def run(*args: str) -> None:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "Warning" not in line]
-    assert proc.returncode == 0, proc.stdout[-2000:] + "\n".join(errors)[:4000]
-
-
-def deepspeed_checkpoint(stage: int, root: Path) -> Path:
-    """DeepSpeed's own save (torchrun, 2 ranks) plus its ds_to_universal conversion."""
-    src = root / f"zero{stage}"
-    run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "tests.checkpointing.deepspeed_engines", str(stage), str(src))
-    run("-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src / "global_step3"),
-        "--output_folder", str(src / "global_step3_universal"),
-        "--num_extract_workers", "1", "--num_merge_workers", "1")
-    return src
+from checkpointing.deepspeed.importer import import_deepspeed_checkpoint
+from tests.checkpointing.conftest import run_python
+from tests.trainer.runs import perennial
 
 
 def load_ours(root: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,10 +24,10 @@ def load_ours(root: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_import_equals_deepspeeds_consolidation(tmp_path, stage):
+def test_import_equals_deepspeeds_consolidation(tmp_path, deepspeed_sources, stage):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    src = deepspeed_checkpoint(stage, tmp_path)
+    src = deepspeed_sources / f"zero{stage}"
     proc = perennial("ckpt", "import", str(src), str(tmp_path / "ours"))
     assert "imported deepspeed" in proc.stdout
     ours, state = load_ours(tmp_path / "ours")
@@ -68,15 +47,22 @@ def test_import_equals_deepspeeds_consolidation(tmp_path, stage):
     decay = state["optimizer"]["optimizer.param_groups.proj.weight.weight_decay"]
     assert decay == 0.1 and state["optimizer"]["optimizer.param_groups.proj.bias.weight_decay"] == 0
 
-    # Reading needs no DeepSpeed: its record classes unpickle into inert stand-ins.
-    run("-c", f"import sys; from checkpointing.deepspeed.files import read_deepspeed; "
-              f"read_deepspeed({str(src)!r}); assert 'deepspeed' not in sys.modules")
-    perennial("ckpt", "import", str(src / "global_step3_universal"), str(tmp_path / "uni"))
+    # The same conversion as the command above, in this process (a command costs seconds).
+    import_deepspeed_checkpoint(src / "global_step3_universal", tmp_path / "uni")
     from_universal, _ = load_ours(tmp_path / "uni")
     assert from_universal.keys() == ours.keys()
     for key, value in ours.items():
         if not key.endswith(".step") or stage != 3:  # ZeRO-3 universal folders keep no step
             assert torch.equal(from_universal[key], value), key
+
+
+@pytest.mark.slow
+def test_reading_needs_no_deepspeed(deepspeed_sources):
+    """DeepSpeed's record classes unpickle into inert stand-ins."""
+    sources = [str(deepspeed_sources / f"zero{stage}") for stage in (1, 2, 3)]
+    run_python("-c", "import sys; from checkpointing.deepspeed.files import read_deepspeed; "
+                     f"[read_deepspeed(s) for s in {sources!r}]; "
+                     "assert 'deepspeed' not in sys.modules")
 
 
 def test_import_of_a_non_zero_folder_is_one_line(tmp_path):

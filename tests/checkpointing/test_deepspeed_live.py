@@ -2,8 +2,7 @@
 full fp32 weights and Adam moments (safe_get_full_*), and loads into FSDP2 on 3 ranks with
 those values, exactly."""
 
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
@@ -23,18 +22,9 @@ from checkpointing import (
     optimizer_tensors,
 )
 from tests.checkpointing.deepspeed_engines import Tiny, adamw
-from tests.checkpointing.test_deepspeed_import import ENV, REPO
 from tests.distributed import run_distributed
 
 FULL = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-
-
-def save_live(stage: int, root) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "tests.checkpointing.deepspeed_engines", str(stage), str(root), "live"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def load_on_fsdp(root: str) -> None:
@@ -60,8 +50,9 @@ def load_on_fsdp(root: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
-def test_live_zero_checkpoint_is_deepspeeds_state_and_loads_on_fsdp3(tmp_path, stage):
-    save_live(stage, tmp_path)
+def test_live_zero_checkpoint_is_deepspeeds_state_and_loads_on_fsdp3(tmp_path, deepspeed_sources,
+                                                                     stage):
+    shutil.copytree(deepspeed_sources / f"live{stage}", tmp_path, dirs_exist_ok=True)
     theirs = load_file(tmp_path / "deepspeed.safetensors")
     run_distributed(load_on_fsdp, 3, args=(str(tmp_path),))
     loaded = load_file(tmp_path / "fsdp.safetensors")

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from checkpointing import resolve_checkpoint
+from checkpointing.inspect import export_safetensors
 from tests.trainer.runs import REPO, losses, metrics, perennial, train
 
 # The schedule is 8 steps long whatever step a run stops at, so a resumed run is the same job.
@@ -23,8 +25,10 @@ JOB = [
 
 
 def final_weights(run_dir, tmp_path):
+    """The model tensors of the run's newest checkpoint, as `perennial ckpt export` writes them
+    (its own tests run the command; here it runs in this process: a command costs seconds)."""
     out = tmp_path / f"{run_dir.name}-export.safetensors"
-    perennial("ckpt", "export", str(run_dir), str(out), "--format", "safetensors")
+    export_safetensors(resolve_checkpoint(run_dir), out)
     return load_file(out)
 
 

@@ -1,0 +1,89 @@
+"""`perennial train` with parallel.pp=2: the pipelined step trains with the one-process losses,
+and its checkpoints (each rank saves only its stage's tensors, under the plain names) resume
+bitwise on pp=2 and within 1e-3 relative on one process without a pipeline."""
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from tests.trainer.runs import losses, perennial, tiny_job, train
+from trainer.config_loader import load_config, validate_layout
+
+# 5 layers: 1F1B / GPipe split them 3 + 2, Interleaved1F1B 2 + 1 + 1 + 1 over two ranks.
+PP_JOB = ["model.n_layers=5", "schedule.total_steps=6", "checkpoint.persist_interval=3"]
+PP2 = "parallel.pp=2"
+
+
+@pytest.fixture(scope="module")
+def pp_runs(tmp_path_factory, data_cache):
+    """(records of an uninterrupted one-process run, of an uninterrupted pp=2 1F1B run, and a
+    run dir holding the step-3 pp=2 checkpoint)."""
+    one = train(tmp_path_factory.mktemp("pp1-ref"), data_cache, 1, *PP_JOB, "train.max_steps=6")
+    pp2 = train(tmp_path_factory.mktemp("pp2-ref"), data_cache, 2, *PP_JOB, PP2,
+                "train.max_steps=6")
+    half = tmp_path_factory.mktemp("pp2-half")
+    train(half, data_cache, 2, *PP_JOB, PP2, "train.max_steps=3")
+    return one, pp2, half
+
+
+def test_pp2_1f1b_trains_with_the_one_process_losses(pp_runs):
+    one, pp2, _ = pp_runs
+    assert [r["step"] for r in pp2] == list(range(1, 7))
+    torch.testing.assert_close(losses(pp2), losses(one), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close([r["grad_norm"] for r in pp2], [r["grad_norm"] for r in one],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["GPipe", "Interleaved1F1B"])
+def test_pp2_other_schedules_train_with_the_one_process_losses(tmp_path, data_cache, pp_runs,
+                                                               schedule):
+    one = {step: loss for step, loss in losses(pp_runs[0]).items() if step <= 3}
+    records = train(tmp_path, data_cache, 2, *PP_JOB, PP2, f"parallel.pp_schedule={schedule}",
+                    "train.max_steps=3")
+    torch.testing.assert_close(losses(records), one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nproc, layout, exact", [(2, PP2, True), (1, "parallel.pp=1", False)],
+                         ids=["pp2-to-pp2-bitwise", "pp2-to-one-process"])
+def test_pp2_checkpoint_resumes(tmp_path, data_cache, pp_runs, nproc, layout, exact):
+    one, pp2, half = pp_runs
+    run_dir = tmp_path / "run"
+    shutil.copytree(half, run_dir)
+    records = train(run_dir, data_cache, nproc, *PP_JOB, layout, "train.max_steps=6")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    if exact:
+        assert losses(records) == losses(pp2)
+    else:
+        torch.testing.assert_close(losses(records), losses(one), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_layers=1"], "model.n_layers (1) is fewer than the pipeline stages (2"),
+    (["parallel.pp_schedule=Interleaved1F1B", "model.n_layers=3"],
+     "model.n_layers (3) is fewer than the pipeline stages (4"),
+    (["parallel.pp=3", "model.n_layers=4"],
+     "parallel.pp (3) x parallel.tp (1) does not divide the world size 2"),
+    (["train.global_batch_size=6", "train.micro_batch_size=6"],
+     "parallel.pp_microbatches (1) must divide"),
+    (["parallel.pp_microbatches=5"], "parallel.pp_microbatches (5) must divide"),
+    (["parallel.pp_schedule=ZeroBubble"], "parallel.pp_schedule must be one of"),
+    (["parallel.strategy=deepspeed"], "parallel.pp > 1 is not supported with parallel.strategy"),
+    (["model.moe.num_experts=4"], "parallel.pp > 1 is not supported with an MoE model"),
+    (["eval.interval=10"], "parallel.pp > 1 is not supported with eval.interval > 0"),
+])
+def test_impossible_pipeline_layouts_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg = load_config(None, [PP2, "train.global_batch_size=12", "eval.interval=0",
+                                 *overrides])
+        validate_layout(cfg, 2)
+
+
+def test_impossible_pipeline_layout_is_one_line_before_any_process_group(tmp_path, data_cache):
+    job = tiny_job(tmp_path, data_cache, PP2, "model.n_layers=1")
+    proc = perennial("train", *job, "--nproc", "2", check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.n_layers (1) is fewer than" in lines[0], proc.stderr

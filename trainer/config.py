@@ -97,8 +97,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree: the model is cut by layers into stages (the embedding on the
     first, the final norm and head on the last) over `pp` ranks; the data-parallel degree is
-    world_size / (pp x tp). strategy=fsdp, dense models (no MoE), eval.interval=0 and
-    checkpoint.interval=0 (disk checkpoints only) for now."""
+    world_size / (pp x tp). For now: strategy=fsdp, dense models (no MoE, no tied
+    embeddings), no mid-run growth, and checkpoint.interval=0 (disk checkpoints only)."""
     pp_schedule: str = "1F1B"
     """Pipeline schedule with parallel.pp > 1: 1F1B, GPipe, or Interleaved1F1B (two stages per
     rank, so model.n_layers >= 2 x pp)."""

@@ -215,7 +215,8 @@ class Trainer:
         parallel.pp_microbatches); the loss, known on the last stage, summed over the stages."""
         inputs = torch.cat([inputs for inputs, _ in micro_batches])
         targets = torch.cat([targets for _, targets in micro_batches])
-        loss_sum = self.state.model.step(inputs, targets)
+        with self._autocast():
+            loss_sum = self.state.model.step(inputs, targets)
         dist.all_reduce(loss_sum, group=self.pp_group)  # 0 on all but the last stage
         return loss_sum, self._clip_and_step()
 
@@ -252,13 +253,19 @@ class Trainer:
         for name in self.data.source_names:
             totals = torch.zeros(2, device=self.dist.device)
             for inputs, targets in self.data.eval_batches(name, self.dims.dp_rank(), self.dims.dp):
-                totals[0] += self.forward_loss(inputs, targets, reduction="sum")
+                totals[0] += self.eval_loss_sum(inputs, targets)
                 totals[1] += (targets != IGNORE_INDEX).sum()
             dist.all_reduce(totals, group=self.dims["dp"].get_group())
             if totals[1] > 0:
                 losses[name] = (totals[0] / totals[1]).item()
         self.state.model.train()
         return losses
+
+    def eval_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.dims.pp_enabled:
+            with self._autocast():
+                return self.state.model.loss_sum(inputs, targets)
+        return self.forward_loss(inputs, targets, reduction="sum")
 
     def maybe_log(self, record: dict) -> None:
         step, cfg = self.state.step, self.cfg

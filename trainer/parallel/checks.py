@@ -87,7 +87,6 @@ def check_pipeline_parallel(cfg: JobConfig) -> None:
         "an MoE model (model.moe.num_experts)": planned_experts(cfg) > 0,
         "model.tie_embeddings (the embedding and head live on different stages)":
             cfg.model.tie_embeddings,
-        "eval.interval > 0 (set eval.interval=0)": cfg.eval.interval > 0,
         "checkpoint.interval > 0 (memory snapshots; disk checkpoints work)":
             cfg.checkpoint.memory_snapshots(),
         "grow.at_step > 0": cfg.grow.at_step > 0,

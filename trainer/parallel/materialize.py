@@ -35,9 +35,12 @@ def build_parallel_llama(cfg, dims: ParallelDims, device: torch.device,
     if dims.pp_enabled:  # PP first: the rest runs per stage module (torchtitan's order)
         p = cfg.parallel
         microbatches = pipeline_microbatches(cfg, dims.dp)
+        # FSDP2 computes in param_dtype; otherwise the residual stream stays fp32 (autocast).
+        hidden_dtype = param_dtype if dims.fsdp_enabled else torch.float32
         stages = pipeline_llama(model, dims, p.pp_schedule, microbatches, device,
                                 lambda stage: build_parallel_module(stage, cfg, dims, device,
-                                                                    param_dtype))
+                                                                    param_dtype),
+                                hidden_dtype)
         return model, stages  # `model` stays on the meta device: names, sizes, FLOPs
     return model, build_parallel_module(model, cfg, dims, device, param_dtype)
 

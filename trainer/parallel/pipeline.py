@@ -15,6 +15,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
@@ -104,14 +105,16 @@ class RankStages(nn.Module):
     (the stages' submodules, shared, not copied): the optimizer, gradient clipping and the
     checkpoint layer see it like any other model. It trains only through `step`."""
 
-    def __init__(self, schedule, modules: list[Llama], device: torch.device):
+    def __init__(self, schedule, modules: list[Llama], pp_group, device: torch.device,
+                 hidden_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layers = nn.ModuleDict({k: v for m in modules for k, v in m.layers.items()})
         self.tok_embeddings = modules[0].tok_embeddings  # None unless this rank has stage 0
         self.norm, self.output = modules[-1].norm, modules[-1].output  # the last stage's
         self.schedule = schedule
         self.stage_modules = modules  # a plain list: not registered twice
-        self.device = device
+        self.pp_group, self.device, self.hidden_dtype = pp_group, device, hidden_dtype
+        self.dim = modules[0].cfg.dim
 
     @property
     def has_first(self) -> bool:
@@ -135,12 +138,36 @@ class RankStages(nn.Module):
             return torch.zeros((), device=self.device)
         return torch.stack([loss.detach() for loss in losses]).sum()
 
+    @torch.no_grad()
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Evaluation: the summed token loss of one batch, on every rank of the pipeline. The
+        batch goes stage after stage (hidden states by send / recv, no micro batches):
+        evaluation is rare, and the schedule's fixed micro-batch count need not divide it."""
+        group, rank, pp = self.pp_group, self.pp_group.rank(), self.pp_group.size()
+        num_stages = pp * len(self.stage_modules)
+        hidden = torch.empty(*inputs.shape, self.dim, dtype=self.hidden_dtype, device=self.device)
+        total = torch.zeros((), device=self.device)
+        for stage in range(rank, num_stages, pp):  # stage s lives on rank s % pp
+            if stage == 0:
+                out = self.stage_modules[0](inputs.to(self.device))
+            else:
+                dist.recv(hidden, group=group, group_src=(stage - 1) % pp)
+                out = self.stage_modules[stage // pp](hidden)
+            if stage < num_stages - 1:
+                dist.send(out.to(self.hidden_dtype).contiguous(), group=group,
+                          group_dst=(stage + 1) % pp)
+            else:
+                total = token_loss(out, targets.to(self.device), reduction="sum")
+        dist.all_reduce(total, group=group)  # 0 on all but the last stage's rank
+        return total
+
 
 def pipeline_llama(model: Llama, dims, schedule: str, microbatches: int, device: torch.device,
-                   prepare: Callable[[Llama], nn.Module]) -> RankStages:
+                   prepare: Callable[[Llama], nn.Module], hidden_dtype: torch.dtype) -> RankStages:
     """Split the (meta-device) `model` into this rank's stages over `dims["pp"]`, each prepared
-    by `prepare` (parallelize + materialise), and the schedule over them."""
+    by `prepare` (parallelize + materialise), and the schedule over them. `hidden_dtype`: the
+    dtype of the activations between stages."""
     pp_group = dims["pp"].get_group()
     schedule_obj, modules = build_pipeline(model, pp_group, schedule, microbatches, device,
                                            prepare)
-    return RankStages(schedule_obj, modules, device)
+    return RankStages(schedule_obj, modules, pp_group, device, hidden_dtype)

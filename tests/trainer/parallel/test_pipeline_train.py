@@ -15,7 +15,8 @@ from tests.trainer.runs import losses, perennial, tiny_job, train
 from trainer.config_loader import load_config, validate_layout
 
 # 5 layers: 1F1B / GPipe split them 3 + 2, Interleaved1F1B 2 + 1 + 1 + 1 over two ranks.
-PP_JOB = ["model.n_layers=5", "schedule.total_steps=6", "checkpoint.persist_interval=3"]
+PP_JOB = ["model.n_layers=5", "schedule.total_steps=6", "checkpoint.persist_interval=3",
+          "eval.interval=3"]
 PP2 = "parallel.pp=2"
 
 
@@ -45,6 +46,9 @@ def test_pp2_1f1b_trains_with_the_one_process_losses(pp_runs):
     torch.testing.assert_close(losses(pp2), losses(one), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close([r["grad_norm"] for r in pp2], [r["grad_norm"] for r in one],
                                rtol=1e-4, atol=1e-5)
+    evals = [[r["eval_loss"] for r in records if "eval_loss" in r] for records in (pp2, one)]
+    assert len(evals[0]) == 2  # steps 3 and 6
+    torch.testing.assert_close(evals[0], evals[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -100,7 +104,7 @@ def test_pp2_composes_on_four_ranks_and_resumes_on_one(tmp_path, data_cache, pp_
     (["parallel.pp_schedule=ZeroBubble"], "parallel.pp_schedule must be one of"),
     (["parallel.strategy=deepspeed"], "parallel.pp > 1 is not supported with parallel.strategy"),
     (["model.moe.num_experts=4"], "parallel.pp > 1 is not supported with an MoE model"),
-    (["eval.interval=10"], "parallel.pp > 1 is not supported with eval.interval > 0"),
+    (["grow.at_step=2", "grow.kind=stack"], "parallel.pp > 1 is not supported with grow.at_step"),
 ])
 def test_impossible_pipeline_layouts_are_refused(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):

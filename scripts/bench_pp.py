@@ -12,7 +12,6 @@ Target: pp=2 at least as fast as pp=1 on one process (>= 1.0x): two ranks for on
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench_throughput import GLOBAL_BATCH, LOG_EVERY, SEQ, perennial_run  # noqa: E402
-from scripts.report import emit, machine_facts, verdict  # noqa: E402
+from scripts.report import machine_facts, section_main, verdict  # noqa: E402
 
 MICRO = 2  # 8 micro batches per step: the pipeline's bubble is 1 / 9
 VARIANTS = {  # label -> (processes, overrides)
@@ -83,13 +82,5 @@ def markdown(quick: bool, steps: int = 40, rounds: int = 2) -> str:
     return report(run(steps, rounds), steps)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="docs/benchmarks.md")
-    args = parser.parse_args()
-    emit("pp", markdown(args.quick), args.out)
-
-
 if __name__ == "__main__":
-    main()
+    section_main("pp", markdown, __doc__)

@@ -62,6 +62,17 @@ def emit(section: str, text: str, out: str) -> None:
         print(f"wrote the {section} section of {out}")
 
 
+def section_main(section: str, markdown, doc: str) -> None:
+    """The command line of a benchmark whose section is `markdown(quick)`: --quick, --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    emit(section, markdown(args.quick), args.out)
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 

@@ -99,7 +99,8 @@ def apply_optimizer_tensors(
     values: dict[str, Any],
 ) -> None:
     """Restore the optimizer from `optimizer.*` tensors plus the JSON entries from
-    optimizer_tensors (lists become tuples where the optimizer holds a tuple, e.g. betas)."""
+    optimizer_tensors (lists become tuples where the optimizer holds a tuple, e.g. betas).
+    `values` may also hold entries of parameters this rank does not have: they are skipped."""
     current = get_optimizer_state_dict(model, optimizer, options=_FLAT)
     state: dict[str, Any] = {}
     for key, value in tensors.items():
@@ -107,6 +108,8 @@ def apply_optimizer_tensors(
             state[key.removeprefix(OPTIMIZER_PREFIX)] = value
     for key, value in values.items():
         name = key.removeprefix(OPTIMIZER_PREFIX)
+        if name not in current:  # another rank's parameter (e.g. another pipeline stage)
+            continue
         state[name] = tuple(value) if isinstance(current.get(name), tuple) else value
     missing = sorted(set(current) - set(state))
     if missing:

@@ -26,6 +26,7 @@ from trainer.config_loader import validate_layout
 from trainer.data.reading import resolve_raw_source
 from trainer.data.shards import is_prepared_dir
 from trainer.init_from import check_init_from
+from trainer.parallel.checks import data_parallel_size
 
 SHM_DIR = Path("/dev/shm")
 GIB = 2**30
@@ -53,7 +54,7 @@ def check_data(cfg, world_size: int) -> None:
     from trainer.data import build_data
 
     t = cfg.train
-    micro = t.micro_batch_for(world_size // cfg.parallel.tp)
+    micro = t.micro_batch_for(data_parallel_size(cfg, world_size))
     build_data(cfg.data, t.seed, t.global_batch_size, micro, cfg.model.vocab_size)
 
 

@@ -34,6 +34,7 @@ BENCHMARKS = [
     ("data", "bench_data", "data prepare 1 vs 2 processes, memory vs corpus size, shard loading"),
     ("memory", "bench_memory", "peak memory per rank vs world size (FSDP2)"),
     ("moe", "bench_moe", "MoE grouped experts vs the per-expert loop"),
+    ("pp", "bench_pp", "pipeline pp=2 vs pp=1 and FSDP2 dp=2 throughput"),
 ]
 
 

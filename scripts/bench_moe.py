@@ -12,7 +12,6 @@ one expert parallelism and torch.compile need. Both compute the same numbers
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.report import emit, fmt_ms, machine_facts, verdict  # noqa: E402
+from scripts.report import fmt_ms, machine_facts, section_main, verdict  # noqa: E402
 from trainer.model.config import MoEConfig  # noqa: E402
 from trainer.model.moe import MoEFeedForward, per_expert_loop  # noqa: E402
 
@@ -93,13 +92,5 @@ def markdown(quick: bool) -> str:
     return report(run(tokens, reps), tokens)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="docs/benchmarks.md")
-    args = parser.parse_args()
-    emit("moe", markdown(args.quick), args.out)
-
-
 if __name__ == "__main__":
-    main()
+    section_main("moe", markdown, __doc__)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.report import REPO, emit, machine_facts, verdict  # noqa: E402
+from scripts.report import REPO, emit, machine_facts, rate_table, verdict  # noqa: E402
 from trainer.model import Llama, ModelConfig  # noqa: E402
 
 GLOBAL_BATCH, MICRO, SEQ, VOCAB, LOG_EVERY, WARMUP_STEPS = 16, 8, 128, 258, 10, 10
@@ -126,15 +126,8 @@ def report(results: dict[str, list[float]], steps: int) -> str:
         f"{steps} steps per run, loops alternating, median over {LOG_EVERY}-step intervals "
         f"after {WARMUP_STEPS} warm-up steps.",
         "",
-        "| loop | tokens/s (median) | min – max | vs bare loop |",
-        "|---|---|---|---|",
     ]
-    for label, rates in results.items():
-        median = statistics.median(rates)
-        lines.append(
-            f"| {label} | {median:,.0f} | {min(rates):,.0f} – {max(rates):,.0f} | "
-            f"{median / bare:.3f}x |"
-        )
+    lines += rate_table("loop", "bare loop", results, bare)
     ours = statistics.median(results["perennial"]) / bare
     unsaved = statistics.median(results["perennial, no saves before the last step"])
     cost = 1 - statistics.median(results["perennial"]) / unsaved

@@ -62,6 +62,27 @@ def emit(section: str, text: str, out: str) -> None:
         print(f"wrote the {section} section of {out}")
 
 
+def section_main(section: str, markdown, doc: str) -> None:
+    """The command line of a benchmark whose section is `markdown(quick)`: --quick, --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    emit(section, markdown(args.quick), args.out)
+
+
+def rate_table(what: str, base_name: str, results: dict[str, list[float]], base: float):
+    """Markdown rows: per label the median tokens/s, its range and the ratio to `base`."""
+    rows = [f"| {what} | tokens/s (median) | min – max | vs {base_name} |", "|---|---|---|---|"]
+    for label, rates in results.items():
+        median = statistics.median(rates)
+        rows.append(f"| {label} | {median:,.0f} | {min(rates):,.0f} – {max(rates):,.0f} | "
+                    f"{median / base:.3f}x |")
+    return rows
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 

@@ -89,11 +89,23 @@ class ParallelConfig:
     strategy: str = "fsdp"
     """Data parallelism: fsdp (FSDP2 fully_shard), ddp, or deepspeed (a ZeRO engine)."""
     tp: int = 1
-    """Tensor-parallel degree; the data-parallel degree is world_size / tp."""
+    """Tensor-parallel degree; the data-parallel degree is world_size / (pp x tp)."""
     ep: int = 1
     """Expert-parallel degree for MoE models: each MoE layer's experts are split across groups
     of `ep` data-parallel ranks and tokens are exchanged by all-to-all (strategy=fsdp, tp=1;
     model.moe.num_experts and the data-parallel size divisible by it)."""
+    pp: int = 1
+    """Pipeline-parallel degree: the model is cut by layers into stages (the embedding on the
+    first, the final norm and head on the last) over `pp` ranks; the data-parallel degree is
+    world_size / (pp x tp). For now: strategy=fsdp, dense models (no MoE, no tied
+    embeddings), no mid-run growth, and checkpoint.interval=0 (disk checkpoints only)."""
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule with parallel.pp > 1: 1F1B, GPipe, or Interleaved1F1B (two stages per
+    rank, so model.n_layers >= 2 x pp)."""
+    pp_microbatches: int = 0
+    """Micro batches the pipeline splits each rank's batch into (>= the number of stages, and
+    dividing global_batch_size / data-parallel size); 0 = one per train.micro_batch_size
+    sequences, the same micro batches gradient accumulation uses without pipelining."""
     zero_stage: int = 1
     """With strategy=deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ weights)
     partitioned over the data-parallel ranks."""

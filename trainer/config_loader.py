@@ -13,7 +13,13 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from trainer.config import JobConfig
 from trainer.init_from import adopt_init_model
-from trainer.parallel.checks import check_expert_parallel, check_expert_parallel_layout
+from trainer.parallel.checks import (
+    check_expert_parallel,
+    check_expert_parallel_layout,
+    check_pipeline_layout,
+    check_pipeline_parallel,
+    data_parallel_size,
+)
 
 # Config keys that are Python keywords live under another attribute name.
 _KEYWORD_KEYS = {"init.from": "init.from_"}
@@ -147,6 +153,7 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"init.from: {cfg.init.from_} does not exist")
     _validate_tp(cfg)
     check_expert_parallel(cfg)
+    check_pipeline_parallel(cfg)
 
 
 def _validate_tp(cfg: JobConfig) -> None:
@@ -190,8 +197,9 @@ def validate_layout(cfg: JobConfig, world_size: int) -> None:
     tp = cfg.parallel.tp
     if world_size % tp:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tp ({tp})")
+    check_pipeline_layout(cfg, world_size)
     check_expert_parallel_layout(cfg, world_size)
-    dp, train = world_size // tp, cfg.train
+    dp, train = data_parallel_size(cfg, world_size), cfg.train
     if train.micro_batch_size and train.global_batch_size % (dp * train.micro_batch_size):
         raise ValueError(
             f"train.global_batch_size ({train.global_batch_size}) is not divisible by "

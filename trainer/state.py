@@ -9,6 +9,7 @@ through the checkpoint layer. None of them calls another's private methods.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from checkpointing import (
     model_tensors,
     optimizer_tensors,
 )
+from checkpointing.collectives import all_gather_strings
 from trainer.distributed import DistInfo, rng_state, seed_rng, set_rng_state
 
 
@@ -43,6 +45,9 @@ class TrainState:
     """The run's config as saved in checkpoints (rendered once, ~20 ms: growth changes it)."""
     deepspeed: Any = None
     """trainer.parallel.deepspeed_backend.DeepSpeedBackend under parallel.strategy=deepspeed."""
+    stage_group: Any = None
+    """Ranks that hold other parameters than this one (the pipeline group), or None: each
+    saves only its own tensors, and the optimizer JSON saved is the union of theirs."""
     step: int = 0
     tokens_seen: int = 0
     schedule_offset: int = 0
@@ -74,10 +79,20 @@ class TrainState:
             "phase": self.phase,
             "schedule": self.schedule.state_dict(),
             "data": self.data.state_dict(),
-            "optimizer": optim_json,
+            "optimizer": self._union_over_stages(optim_json),
             "layout": self.layout,
             "config": self.config_yaml,
         }
+
+    def _union_over_stages(self, optim_json: dict) -> dict:
+        """Rank 0's JSON covers only its own parameters: merge every stage's (O(pp) small
+        records; the keys of different stages are disjoint, those of one stage equal)."""
+        if self.stage_group is None:
+            return optim_json
+        merged: dict = {}
+        for text in all_gather_strings(json.dumps(optim_json), self.stage_group):
+            merged.update(json.loads(text))
+        return merged
 
     def rank_state(self) -> dict:
         return {"rng": rng_state(self.dist.device)}

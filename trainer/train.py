@@ -7,7 +7,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer.checkpointer import Checkpointer
 from trainer.config import JobConfig
@@ -29,6 +28,7 @@ from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import clip_grad_norm_
 from trainer.parallel.materialize import build_parallel_llama
 from trainer.parallel.parallelize import set_gradient_sync
+from trainer.parallel.pipeline import token_loss
 from trainer.schedule import build_schedule
 from trainer.state import TrainState
 
@@ -39,7 +39,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.train.device)
         validate_layout(cfg, self.dist.world_size)
         p = cfg.parallel
-        self.dims = ParallelDims(self.dist.world_size, p.tp, p.strategy, ep=p.ep)
+        self.dims = ParallelDims(self.dist.world_size, p.tp, p.strategy, ep=p.ep, pp=p.pp)
         self.dims.build_mesh(self.dist.device.type)
         self.is_main = self.dist.rank == 0
         self.build_data()
@@ -49,11 +49,14 @@ class Trainer:
         model, plain_model = self.build_model()
         optimizer, deepspeed, model = self.build_optimizer(model)
         dims = self.dims
+        layout = {"world_size": dims.world_size, "tp": dims.tp, "dp": dims.dp,
+                  "strategy": dims.strategy}
+        if dims.pp_enabled:  # only then: pp=1 layouts stay those of earlier checkpoints
+            layout["pp"] = dims.pp
         self.state = TrainState(
             model, plain_model, optimizer, self.build_schedule(), self.data, self.dist,
-            layout={"world_size": dims.world_size, "tp": dims.tp, "dp": dims.dp,
-                    "strategy": dims.strategy},
-            config_yaml=to_yaml(cfg), deepspeed=deepspeed,
+            layout=layout, config_yaml=to_yaml(cfg), deepspeed=deepspeed,
+            stage_group=self.pp_group,
         )
         self.checkpointer = Checkpointer(self.state, cfg)
         self.build_metrics()
@@ -76,6 +79,11 @@ class Trainer:
             self.cfg, self.dims, self.dist.device, self.param_dtype
         )
         return parallel_model, plain_model
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """The pipeline group (ranks holding the other stages), None without PP."""
+        return self.dims["pp"].get_group() if self.dims.pp_enabled else None
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -182,6 +190,8 @@ class Trainer:
             group["lr"] = lr
         if state.deepspeed is not None:
             loss_sum, grad_norm = state.deepspeed.train_step(micro_batches, self.forward_loss)
+        elif self.dims.pp_enabled:
+            loss_sum, grad_norm = self._pipeline_step(micro_batches)
         else:
             loss_sum, grad_norm = self._accumulate_and_step(micro_batches)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -198,22 +208,32 @@ class Trainer:
             loss = self.forward_loss(inputs, targets) / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.state.model.parameters(), self.cfg.train.grad_clip)
+        return loss_sum, self._clip_and_step()
+
+    def _pipeline_step(self, micro_batches) -> tuple[torch.Tensor, float]:
+        """The rank batch through the pipeline schedule (it splits it into
+        parallel.pp_microbatches); the loss, known on the last stage, summed over the stages."""
+        inputs = torch.cat([inputs for inputs, _ in micro_batches])
+        targets = torch.cat([targets for _, targets in micro_batches])
+        with self._autocast():
+            loss_sum = self.state.model.step(inputs, targets)
+        dist.all_reduce(loss_sum, group=self.pp_group)  # 0 on all but the last stage
+        return loss_sum, self._clip_and_step()
+
+    def _clip_and_step(self) -> float:
+        """Global-norm clipping (over the stages too), then the optimizer step."""
+        grad_norm = clip_grad_norm_(self.state.model.parameters(), self.cfg.train.grad_clip,
+                                    pp_group=self.pp_group)
         self.checkpointer.snapshots.before_optimizer_step()
         self.state.optimizer.step()
         self.state.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm
+        return grad_norm
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
         inputs, targets = inputs.to(self.dist.device), targets.to(self.dist.device)
         with self._autocast():
             logits = self.state.model(inputs)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction=reduction,
-        )
+        loss = token_loss(logits, targets, reduction)
         if reduction == "mean" and self.cfg.model.moe.enabled():  # training, not evaluation
             loss = loss + self.state.plain_model.aux_loss()
         return loss
@@ -233,13 +253,19 @@ class Trainer:
         for name in self.data.source_names:
             totals = torch.zeros(2, device=self.dist.device)
             for inputs, targets in self.data.eval_batches(name, self.dims.dp_rank(), self.dims.dp):
-                totals[0] += self.forward_loss(inputs, targets, reduction="sum")
+                totals[0] += self.eval_loss_sum(inputs, targets)
                 totals[1] += (targets != IGNORE_INDEX).sum()
             dist.all_reduce(totals, group=self.dims["dp"].get_group())
             if totals[1] > 0:
                 losses[name] = (totals[0] / totals[1]).item()
         self.state.model.train()
         return losses
+
+    def eval_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.dims.pp_enabled:
+            with self._autocast():
+                return self.state.model.loss_sum(inputs, targets)
+        return self.forward_loss(inputs, targets, reduction="sum")
 
     def maybe_log(self, record: dict) -> None:
         step, cfg = self.state.step, self.cfg

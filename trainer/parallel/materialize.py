@@ -16,8 +16,10 @@ from torch import nn
 
 from trainer.model import Llama
 from trainer.model.init import fill_normal_flat, name_key, parameter_std, plain_name
+from trainer.parallel.checks import pipeline_microbatches
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.parallelize import parallelize_llama
+from trainer.parallel.pipeline import pipeline_llama
 
 
 def build_parallel_llama(cfg, dims: ParallelDims, device: torch.device,
@@ -25,12 +27,28 @@ def build_parallel_llama(cfg, dims: ParallelDims, device: torch.device,
     """(the plain model, the module to train) for `cfg` (a JobConfig)."""
     if cfg.train.return_freed_host_memory:
         return_freed_host_memory()
-    seed = cfg.train.seed
     if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
         return (model := build_zero3_llama(cfg, dims.world_size, param_dtype)), model
     with torch.device("meta"):
         model = Llama(cfg.model)
     freeze_layers(model, cfg.model.frozen_layers)
+    if dims.pp_enabled:  # PP first: the rest runs per stage module (torchtitan's order)
+        p = cfg.parallel
+        microbatches = pipeline_microbatches(cfg, dims.dp)
+        # FSDP2 computes in param_dtype; otherwise the residual stream stays fp32 (autocast).
+        hidden_dtype = param_dtype if dims.fsdp_enabled else torch.float32
+        stages = pipeline_llama(model, dims, p.pp_schedule, microbatches, device,
+                                lambda stage: build_parallel_module(stage, cfg, dims, device,
+                                                                    param_dtype),
+                                hidden_dtype)
+        return model, stages  # `model` stays on the meta device: names, sizes, FLOPs
+    return model, build_parallel_module(model, cfg, dims, device, param_dtype)
+
+
+def build_parallel_module(model: Llama, cfg, dims: ParallelDims, device: torch.device,
+                          param_dtype: torch.dtype) -> nn.Module:
+    """parallelize_llama on a meta-device `model`, which is then materialised in place."""
+    seed = cfg.train.seed
     if dims.ddp_enabled:  # DDP broadcasts real weights when it wraps: materialise first
         materialize(model, device, seed)
     parallel = parallelize_llama(
@@ -42,7 +60,7 @@ def build_parallel_llama(cfg, dims: ParallelDims, device: torch.device,
     )
     if not dims.ddp_enabled:
         materialize(model, device, seed)
-    return model, parallel
+    return parallel
 
 
 def return_freed_host_memory(threshold: int = 128 * 1024) -> bool:

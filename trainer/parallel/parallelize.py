@@ -1,5 +1,7 @@
 """Turn a plain model into a parallel one, in one fixed order.
 
+0. Pipeline parallelism (trainer/parallel/pipeline.py, called from materialize.py): the model
+   is split into stage modules by layers first; steps 1-4 then run on each stage module.
 1. Tensor parallelism: parameters become DTensors sharded over the `tp` sub-mesh. It goes
    first because FSDP2 must then shard those DTensors again over `dp` (a 2-D layout).
 2. Activation checkpointing: wraps whole blocks, after TP, so the recomputed forward runs the
@@ -57,16 +59,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Megatron-style column/row sharding: q/k/v and w1/w3 split the heads / hidden units,
     wo and w2 reduce; embedding and output split the vocabulary and return replicated
     activations, so norms and the loss need no change."""
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(
-                input_layouts=Replicate(), output_layouts=Replicate()
-            ),
-            "output": ColwiseParallel(output_layouts=Replicate()),
-        },
-    )
+    edges = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "output": ColwiseParallel(output_layouts=Replicate()),
+    }
+    # A pipeline stage may hold neither (trainer/parallel/pipeline.py).
+    edges = {name: style for name, style in edges.items() if getattr(model, name) is not None}
+    if edges:
+        parallelize_module(model, tp_mesh, edges)
     attention_plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

@@ -1,16 +1,14 @@
-"""Pipeline stages: pp=2 with each schedule trains with the single-process losses."""
+"""Pipeline stages keep the plain model's names and split the layers evenly, earlier stages
+first. (Each schedule training with the one-process losses: test_pipeline_train.py, through
+`perennial train`.)"""
 
 from dataclasses import replace
 
-import pytest
 import torch
-import torch.distributed as dist
 
-from tests.distributed import run_distributed
-from tests.trainer.parallel.test_parallelize import CFG, MICRO, batches, train_losses
+from tests.trainer.parallel.test_parallelize import CFG
 from trainer.model import Llama
-from trainer.parallel.grad_norm import clip_grad_norm_
-from trainer.parallel.pipeline import build_pipeline, split_layers, stage_module
+from trainer.parallel.pipeline import RankStages, split_layers, stage_module
 
 PP_CFG = replace(CFG, n_layers=5)  # uneven: 3 + 2 layers, or 2 + 1 + 1 + 1 interleaved
 
@@ -34,34 +32,13 @@ def test_stages_keep_the_plain_parameter_names():
     assert "tok_embeddings.weight" in names[0] and "output.weight" in names[1]
 
 
-def pipelined_losses(schedule):
-    group = dist.group.WORLD
-    batch_size = batches()[0].shape[0]
-    pipe, modules = build_pipeline(fresh_model(), group, schedule, batch_size // MICRO,
-                                   torch.device("cpu"))
-    params = [p for m in modules for p in m.parameters()]
-    optim = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    has_first = modules[0].tok_embeddings is not None
-    has_last = any(m.output is not None for m in modules)
-    out = []
-    for batch in batches():
-        losses = []
-        targets = {"target": batch[:, 1:], "losses": losses} if has_last else {}
-        pipe.step(batch[:, :-1], **targets) if has_first else pipe.step(**targets)
-        clip_grad_norm_(params, 0.5, pp_group=group)
-        optim.step()
-        optim.zero_grad()
-        total = torch.stack(losses).sum() if has_last else torch.zeros(())
-        dist.all_reduce(total)  # only the last stage's rank adds a non-zero
-        out.append(total.item())
-    return out
-
-
-@pytest.mark.slow
-def test_pp2_each_schedule_matches_one_process():
-    reference = train_losses(fresh_model())
-    for schedule in ("1F1B", "GPipe", "Interleaved1F1B"):
-        results = run_distributed(pipelined_losses, 2, args=(schedule,))
-        assert results[0] == results[1]
-        for got, want in zip(results[0], reference):
-            assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (schedule, results[0], reference)
+def test_rank_stages_show_the_plain_names_of_their_stages():
+    """Interleaved: rank 0 of pp=2 holds stages 0 and 2 of 4 as one module (no copies)."""
+    model = fresh_model()
+    modules = [stage_module(model, s, 4) for s in (0, 2)]
+    rank = RankStages(None, modules, None, torch.device("cpu"))
+    expected = {name for m in modules for name in dict(m.named_parameters())}
+    assert set(dict(rank.named_parameters())) == expected
+    assert "tok_embeddings.weight" in expected and "layers.3.attention.wq.weight" in expected
+    assert rank.has_first and not rank.has_last
+    assert rank.layers["3"] is modules[1].layers["3"]

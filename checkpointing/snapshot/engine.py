@@ -13,6 +13,7 @@ as pinned; `wait_copied` only orders the compute stream after it (no host stall)
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from checkpointing import collectives
 from checkpointing.layout import Layout, to_logical
 from checkpointing.snapshot import faults
 from checkpointing.snapshot.protocol import KeeperClient
-from checkpointing.snapshot.restore import MemoryRestore, restore_from_memory
+from checkpointing.snapshot.restore import Holder, MemoryRestore, restore_from_memory, tag_copies
 from checkpointing.snapshot.slots import (
     SLOTS_PER_RANK,
     MappedSlot,
@@ -50,13 +51,20 @@ class SnapshotEngine:
         process_group: dist.ProcessGroup | None = None,
         layouts: Sequence[Layout] = (),
         run_id: str = "",
+        lists_node: bool = True,
     ) -> None:
+        """`lists_node`: this rank speaks for its keeper at restore (one rank per keeper)."""
         self.client = KeeperClient(keeper_address)
         self.run_id = run_id
         self.layouts = tuple(layouts)
         self.shm_root = Path(shm_root)
         self.node_index = node_index
         self.group = process_group
+        self.lists_node = lists_node
+        self.nodes: list[int] = [node_index]
+        """Node indices of this world's keepers (a persist waits for each one's part)."""
+        self.node_ranks = 1
+        """Ranks of this world that use this node's keeper."""
         self.rank = collectives.rank(process_group)
         self.world_size = collectives.world_size(process_group)
         self.layout: SlotLayout | None = None
@@ -83,8 +91,10 @@ class SnapshotEngine:
             json.dumps({"node": self.node_index, "boxes": mine}), self.group
         )
         holders: dict[tuple[str, str], list[int]] = {}
-        for rank, text in enumerate(everyone):
-            info = json.loads(text)
+        infos = [json.loads(text) for text in everyone]
+        self.nodes = sorted({info["node"] for info in infos})
+        self.node_ranks = sum(info["node"] == self.node_index for info in infos)
+        for rank, info in enumerate(infos):
             if info["node"] != self.node_index:
                 continue
             for name, offsets in info["boxes"].items():
@@ -153,7 +163,8 @@ class SnapshotEngine:
         pairs = [(view, local_data(tensors[name]).detach())
                  for name, view in self.views[slot].items()]
         done = {"cmd": "done", "rank": self.rank, "slot": slot, "step": step,
-                "global_state": global_state, "rank_state": rank_state, "persist": persist}
+                "global_state": global_state, "rank_state": rank_state, "persist": persist,
+                "nodes": self.nodes, "node_ranks": self.node_ranks}
         if self._stream is not None:
             self._copy_on_side_stream(pairs)
         self._thread = threading.Thread(target=self._copy_then_report, args=(pairs, done),
@@ -231,16 +242,19 @@ class SnapshotEngine:
 
     def restore(self, tensors: dict[str, torch.Tensor], newer_than: int) -> MemoryRestore | None:
         """Collective: load the newest memory snapshot newer than step `newer_than`, if any."""
-        try:
-            local = self.client.request({"cmd": "list"})["manifests"]
-        except (OSError, RuntimeError) as err:
-            self._failed(f"memory tier unavailable for restore: {err}")
-            local = []
-        local = [m for m in local if m.get("run_id", "") == self.run_id]  # never another run's
-        own_dir = f"node{self.node_index}"
+        me = Holder(self.client.address, socket.gethostname(), str(self.shm_root))
+        listed = []
+        if self.lists_node:
+            try:
+                reply = self.client.request({"cmd": "list"})
+                me = Holder(reply["address"], reply["host"], reply["shm_root"])
+                mine = [m for m in reply["manifests"] if m.get("run_id", "") == self.run_id]
+                listed = tag_copies(mine, me)  # never another run's
+            except (OSError, RuntimeError) as err:
+                self._failed(f"memory tier unavailable for restore: {err}")
         self.restore_skipped = []
-        return restore_from_memory(local, self.shm_root, own_dir, tensors, newer_than, self.group,
-                                   self.layouts, self.restore_skipped)
+        return restore_from_memory(listed, me, tensors, newer_than, self.group, self.layouts,
+                                   self.restore_skipped)
 
     def drain(self) -> dict[str, Any]:
         """Wait until the keeper has checksummed, replicated and persisted what it has."""

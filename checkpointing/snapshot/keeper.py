@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -56,6 +57,8 @@ class Keeper:
                                        "persist_error": None, "persist_failures": 0}
         self.peer = PeerLink(args.peer, self.log) if args.peer else None
         self.pending_persist: set[int] = set()
+        for directory in sorted(self.node_dir.glob("replica-node*")):  # adopt peers' replicas
+            self._replica_store(int(directory.name.removeprefix("replica-node")))
 
     def log(self, message: str) -> None:
         print(f"[keeper node{self.args.node_index}] {message}", file=sys.stderr, flush=True)
@@ -74,7 +77,10 @@ class Keeper:
         if cmd == "done":
             return self._done(message)
         if cmd == "list":
-            return {"manifests": self.store.complete_manifests()}
+            return self.listing()
+        if cmd == "read":
+            self._serve_read(message, wfile)
+            return None
         if cmd == "drain":
             self.join_background_work()
             return {"status": self.status}
@@ -86,13 +92,46 @@ class Keeper:
             return None
         raise ValueError(f"unknown keeper command {cmd!r}")
 
+    def stores(self) -> list[SlotStore]:
+        return [self.store, *self.replica_stores.values()]
+
+    def listing(self) -> dict[str, Any]:
+        """Every complete slot this keeper holds, its node's own and its peers' replicas, and
+        where others reach it (a restore on another node fetches byte ranges from here)."""
+        host = socket.gethostname() if self.args.bind == "0.0.0.0" else self.args.bind
+        return {"manifests": [m for store in self.stores() for m in store.complete_manifests()],
+                "address": f"{host}:{self.args.port}", "host": socket.gethostname(),
+                "shm_root": str(self.shm_root)}
+
+    def _serve_read(self, message: dict[str, Any], wfile) -> None:
+        """Bytes [offset, offset + length) of a complete slot file of snapshot `step`; an error
+        when that slot is gone, torn or now holds another step (the reader tries another copy)."""
+        file, step = message["file"], message["step"]
+        for store in self.stores():
+            for (rank, slot), m in list(store.manifests.items()):
+                if store.relative(rank, slot) == file:
+                    if m["state"] != "complete" or m["step"] != step:
+                        break
+                    fd = os.open(store.path(rank, slot), os.O_RDONLY)  # a slot may be recreated
+                    try:
+                        data = os.pread(fd, message["length"], message["offset"])
+                    finally:
+                        os.close(fd)
+                    if len(data) != message["length"]:
+                        break
+                    send(wfile, {"ok": True}, memoryview(data))
+                    return
+        send(wfile, {"error": f"{file}: no complete copy of step {step} here"})
+
     def _done(self, message: dict[str, Any]) -> dict[str, Any]:
         rank, slot = message["rank"], message["slot"]
         with self.store.lock:
             manifest = self.store.manifests[(rank, slot)]
             assert manifest["step"] == message["step"], f"rank {rank} slot {slot}: step mismatch"
             manifest = {**manifest, "state": "copied", "global_state": message["global_state"],
-                        "rank_state": message["rank_state"], "persist": message["persist"]}
+                        "rank_state": message["rank_state"], "persist": message["persist"],
+                        "nodes": message.get("nodes", list(range(self.args.num_nodes))),
+                        "node_ranks": message.get("node_ranks", self.args.local_ranks)}
             self.store.set_manifest(rank, slot, manifest)
             self.queue_checksum(rank, slot)
         return {"ok": True}
@@ -138,9 +177,15 @@ class Keeper:
                 self.replicas.put((self._replicate, rank, slot, manifest))
         finally:
             self.store.pin(rank, slot, -1)
-        step = manifest["step"]
-        if manifest["persist"] and len(self.store.complete_ranks_at(step)) == self.args.local_ranks:
-            self.queue_persist(step, COMMIT_TIMEOUT_S)
+        if manifest["persist"] and self.all_local_ranks_complete(manifest):
+            self.queue_persist(manifest["step"], COMMIT_TIMEOUT_S)
+
+    def all_local_ranks_complete(self, manifest: dict[str, Any]) -> bool:
+        """Whether every rank of the world that took this manifest's step and uses this keeper
+        has its slot of that step complete (the world may have changed between steps)."""
+        same = [m for m in self.store.complete_ranks_at(manifest["step"])
+                if m["world_size"] == manifest["world_size"]]
+        return len(same) == manifest.get("node_ranks", self.args.local_ranks)
 
     def _replicate(self, rank: int, slot: int, manifest: dict[str, Any]) -> None:
         try:
@@ -153,6 +198,8 @@ class Keeper:
         """Pin the step's slots now, so no newer snapshot reuses them while the persist waits."""
         with self.store.lock:
             manifests = self.store.complete_ranks_at(step)
+            world = max(m["world_size"] for m in manifests)  # one world's slots of the step
+            manifests = [m for m in manifests if m["world_size"] == world]
             for m in manifests:
                 self.store.pin(m["rank"], m["slot"], +1)
         self.persists.put((self.persist, step, manifests, timeout_s))
@@ -162,11 +209,13 @@ class Keeper:
         try:
             with faults.persist_file_size_limit():
                 write_node_part(self.root, self.args.node_index, manifests, self.shm_root)
-            if self.args.node_index == 0:
-                commit_when_complete(self.root, step, self.args.num_nodes, timeout_s)
+            nodes = manifests[0].get("nodes", list(range(self.args.num_nodes)))
+            commits = any(m["rank"] == 0 for m in manifests)
+            if commits:
+                commit_when_complete(self.root, step, nodes, timeout_s)
             self.status.update(persisted_step=step, persist_error=None,
                                persist_seconds=time.perf_counter() - start)
-            if self.args.node_index == 0:
+            if commits:
                 prune(self.root, self.args.keep)  # housekeeping after the commit, not before
                 self.log(f"persisted step {step} to {self.root}")
         except (OSError, TimeoutError, AssertionError) as err:
@@ -196,9 +245,8 @@ class Keeper:
 
     def newest_unpersisted_step(self, due_only: bool) -> int | None:
         """The newest step complete on all local ranks and newer than the newest on disk."""
-        steps = {m["step"] for m in self.store.complete_manifests()
-                 if m.get("persist") or not due_only}
-        full = [s for s in steps if len(self.store.complete_ranks_at(s)) == self.args.local_ranks]
+        full = [m["step"] for m in self.store.complete_manifests()
+                if (m.get("persist") or not due_only) and self.all_local_ranks_complete(m)]
         on_disk = committed_dirs(self.root)
         newest_disk = on_disk[0][0] if on_disk else -1
         return max(full) if full and max(full) > newest_disk else None

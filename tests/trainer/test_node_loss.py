@@ -1,0 +1,131 @@
+"""A node dies and the job goes on from the survivors' memory: one host stands in for several
+nodes, each its own `perennial train --nnodes MIN:MAX --node-rank I` launcher with its own
+keeper and its own --shm-dir (no node can read another's memory directory; what crosses nodes
+goes over the keepers' TCP protocol). No disk checkpoint is committed before the kill."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.trainer.runs import REPO, losses, metrics, perennial, tiny_job
+from trainer.distributed import free_port
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+JOB = [f"train.max_steps={STEPS}", f"schedule.total_steps={STEPS}", "train.global_batch_size=8",
+       "checkpoint.interval=1", "checkpoint.persist_interval=1000", "checkpoint.replicas=1"]
+
+
+class Node:
+    """One simulated node: a launcher (torchrun agent, workers, keeper) with its own memory."""
+
+    def __init__(self, tmp: Path, index: int, nnodes: str, rdzv: int, keeper_ports: list[int],
+                 cache: Path, *extra: str) -> None:
+        self.shm_dir = tmp / f"shm-node{index}"
+        peer = keeper_ports[(index + 1) % len(keeper_ports)]
+        args = [*tiny_job(tmp / "run", cache, *JOB, *extra), "--nproc", "2", "--nnodes", nnodes,
+                "--node-rank", str(index), "--rdzv-endpoint", f"127.0.0.1:{rdzv}",
+                "--rdzv-conf", "last_call_timeout=3,join_timeout=60", "--max-restarts", "3",
+                "--keeper-port", str(keeper_ports[index]), "--keeper-peer",
+                f"127.0.0.1:{peer}", "--shm-dir", str(self.shm_dir)]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+               "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *args],
+                                     cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        """The node goes down as a whole: launcher, torchrun, workers, keeper, its memory."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+            for process in [psutil.Process(self.proc.pid), *tree]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+    def finish(self, timeout: float = 240) -> str:
+        self.proc.wait(timeout=timeout)
+        time.sleep(0.2)
+        assert self.proc.returncode == 0, self.log
+        return self.log
+
+
+@pytest.fixture
+def nodes():
+    started: list[Node] = []
+    yield started
+    for node in started:
+        if node.proc.poll() is None:
+            node.kill()
+
+
+def start_nodes(tmp: Path, cache: Path, count: int, nnodes: str, started: list) -> list[Node]:
+    rdzv, ports = free_port(), [free_port() for _ in range(count)]
+    for index in range(count):
+        started.append(Node(tmp, index, nnodes, rdzv, ports, cache))
+        if index == 0:  # node 0 hosts the rendezvous store and creates the run id
+            wait_for(lambda: (tmp / "run" / "run_id").exists() or None, 60, started[0])
+    return started
+
+
+def wait_for(probe, timeout: float, node: Node):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (found := probe()) is not None:
+            return found
+        assert node.proc.poll() is None, f"node ended early:\n{node.log}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; node 0 log:\n{node.log}")
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    records = metrics(run_dir) if path.exists() else []
+    return max((r["step"] for r in records if "loss" in r), default=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("four-ranks")
+    perennial("train", *tiny_job(run_dir, data_cache, *JOB[:3]), "--nproc", "4")
+    return losses(metrics(run_dir))
+
+
+def test_node_lost_job_goes_on_from_peer_memory(tmp_path, data_cache, nodes, uninterrupted):
+    node0, node1 = start_nodes(tmp_path, data_cache, 2, "1:2", nodes)
+    run_dir = tmp_path / "run"
+    wait_for(lambda: logged_step(run_dir) >= 3 or None, 180, node0)
+    assert not list((run_dir / "checkpoints").glob("step-*")), "only memory may serve"
+    reached = logged_step(run_dir)
+    node1.kill()
+    log = node0.finish()
+    resumed = [(m.group(1), int(m.group(2)))
+               for m in re.finditer(r"resumed from (\S+) \(step (\d+)\)", log)]
+    assert len(resumed) == 1 and resumed[0][0].startswith("memory:"), log
+    step = resumed[0][1]
+    assert step >= reached - 1, f"resumed at {step} after step {reached} was logged:\n{log}"
+    records = metrics(run_dir)
+    assert max(r["step"] for r in records if "loss" in r) == STEPS
+    after = {s: v for s, v in losses(records).items() if s > step}  # the last of each step
+    for s, loss in after.items():
+        assert abs(loss - uninterrupted[s]) <= 1e-3 * abs(uninterrupted[s]), (s, loss, log)
+    assert not any(node0.shm_dir.iterdir()), "node 0 left shared memory behind"

@@ -32,12 +32,15 @@ class Node:
     """One simulated node: a launcher (torchrun agent, workers, keeper) with its own memory."""
 
     def __init__(self, tmp: Path, index: int, nnodes: str, rdzv: int, keeper_ports: list[int],
-                 cache: Path, *extra: str) -> None:
+                 cache: Path, nproc: int, *extra: str) -> None:
         self.shm_dir = tmp / f"shm-node{index}"
         peer = keeper_ports[(index + 1) % len(keeper_ports)]
-        args = [*tiny_job(tmp / "run", cache, *JOB, *extra), "--nproc", "2", "--nnodes", nnodes,
-                "--node-rank", str(index), "--rdzv-endpoint", f"127.0.0.1:{rdzv}",
-                "--rdzv-conf", "last_call_timeout=3,join_timeout=60", "--max-restarts", "3",
+        args = [*tiny_job(tmp / "run", cache, *JOB, *extra), "--nproc", str(nproc),
+                "--nnodes", nnodes, "--node-rank", str(index),
+                "--rdzv-endpoint", f"127.0.0.1:{rdzv}",
+                # Node 0 hosts the rendezvous store (on one host every node would think it may).
+                "--rdzv-conf", f"is_host={int(index == 0)},last_call_timeout=10,join_timeout=60",
+                "--max-restarts", "3",
                 "--keeper-port", str(keeper_ports[index]), "--keeper-peer",
                 f"127.0.0.1:{peer}", "--shm-dir", str(self.shm_dir)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
@@ -78,12 +81,15 @@ def nodes():
             node.kill()
 
 
-def start_nodes(tmp: Path, cache: Path, count: int, nnodes: str, started: list) -> list[Node]:
+def start_nodes(tmp: Path, cache: Path, count: int, nproc: int, started: list,
+                *extra: str) -> list[Node]:
     rdzv, ports = free_port(), [free_port() for _ in range(count)]
-    for index in range(count):
-        started.append(Node(tmp, index, nnodes, rdzv, ports, cache))
-        if index == 0:  # node 0 hosts the rendezvous store and creates the run id
-            wait_for(lambda: (tmp / "run" / "run_id").exists() or None, 60, started[0])
+    for index in range(count):  # at once: the first rendezvous waits 10 s for all of them
+        started.append(Node(tmp, index, f"1:{count}", rdzv, ports, cache, nproc, *extra))
+    # Rank 0 may be on any node (torchrun orders the nodes of a rendezvous by its own rule).
+    logs = lambda: "".join(node.log for node in started)  # noqa: E731
+    wait_for(lambda: "layout world_size=" in logs() or None, 120, started[0])
+    assert f"layout world_size={count * nproc}," in logs(), f"not every node joined:\n{logs()}"
     return started
 
 
@@ -97,6 +103,11 @@ def wait_for(probe, timeout: float, node: Node):
     raise AssertionError(f"timed out; node 0 log:\n{node.log}")
 
 
+def resumes(log: str) -> list[tuple[str, int]]:
+    return [(m.group(1), int(m.group(2)))
+            for m in re.finditer(r"resumed from (\S+) \(step (\d+)\)", log)]
+
+
 def logged_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     records = metrics(run_dir) if path.exists() else []
@@ -104,22 +115,29 @@ def logged_step(run_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_cache) -> dict[int, float]:
+def prepared(tmp_path_factory, data_cache) -> Path:
+    """The data cache prepared once, so no node's launcher waits for another's preparation."""
+    run_dir = tmp_path_factory.mktemp("prepare")
+    perennial("train", *tiny_job(run_dir, data_cache, "train.max_steps=1"))
+    return data_cache
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prepared) -> dict[int, float]:
     run_dir = tmp_path_factory.mktemp("four-ranks")
-    perennial("train", *tiny_job(run_dir, data_cache, *JOB[:3]), "--nproc", "4")
+    perennial("train", *tiny_job(run_dir, prepared, *JOB[:3]), "--nproc", "4")
     return losses(metrics(run_dir))
 
 
-def test_node_lost_job_goes_on_from_peer_memory(tmp_path, data_cache, nodes, uninterrupted):
-    node0, node1 = start_nodes(tmp_path, data_cache, 2, "1:2", nodes)
+def test_node_lost_job_goes_on_from_peer_memory(tmp_path, prepared, nodes, uninterrupted):
+    node0, node1 = start_nodes(tmp_path, prepared, 2, 2, nodes)
     run_dir = tmp_path / "run"
     wait_for(lambda: logged_step(run_dir) >= 3 or None, 180, node0)
     assert not list((run_dir / "checkpoints").glob("step-*")), "only memory may serve"
     reached = logged_step(run_dir)
     node1.kill()
     log = node0.finish()
-    resumed = [(m.group(1), int(m.group(2)))
-               for m in re.finditer(r"resumed from (\S+) \(step (\d+)\)", log)]
+    resumed = resumes(log)
     assert len(resumed) == 1 and resumed[0][0].startswith("memory:"), log
     step = resumed[0][1]
     assert step >= reached - 1, f"resumed at {step} after step {reached} was logged:\n{log}"
@@ -129,3 +147,24 @@ def test_node_lost_job_goes_on_from_peer_memory(tmp_path, data_cache, nodes, uni
     for s, loss in after.items():
         assert abs(loss - uninterrupted[s]) <= 1e-3 * abs(uninterrupted[s]), (s, loss, log)
     assert not any(node0.shm_dir.iterdir()), "node 0 left shared memory behind"
+
+
+def test_two_neighbours_lost_restore_names_missing_boxes_and_uses_disk(tmp_path, prepared,
+                                                                       nodes):
+    """A ring of replicas (node i's on node i+1) survives one loss, not two neighbours: with
+    nodes 1 and 2 gone, rank 1's slots have no copy left (node 2 held them)."""
+    node0, node1, node2 = start_nodes(tmp_path, prepared, 3, 1, nodes,
+                                      "checkpoint.persist_interval=3", "train.global_batch_size=12")
+    run_dir = tmp_path / "run"
+    wait_for(lambda: logged_step(run_dir) >= 5 or None, 180, node0)
+    node1.kill()
+    node2.kill()
+    log = node0.finish()
+    skipped = re.findall(r"skipping memory snapshot (\d+): no surviving keeper holds a complete "
+                         r"copy of the slots of rank\(s\) \[(\d+)\] of 3; boxes of (\d+) tensor",
+                         log)
+    (source, step), = resumes(log)
+    assert source.endswith(f"step-{step:08d}") and step % 3 == 0, log  # the disk checkpoint
+    assert skipped and all(int(s) >= step for s, _, _ in skipped), log
+    assert all(int(count) > 0 for _, _, count in skipped), log
+    assert max(r["step"] for r in metrics(run_dir) if "loss" in r) == STEPS

@@ -243,13 +243,12 @@ class SnapshotEngine:
     def restore(self, tensors: dict[str, torch.Tensor], newer_than: int) -> MemoryRestore | None:
         """Collective: load the newest memory snapshot newer than step `newer_than`, if any."""
         me = Holder(self.client.address, socket.gethostname(), str(self.shm_root))
-        listed = []
+        listed = None
         if self.lists_node:
             try:
                 reply = self.client.request({"cmd": "list"})
                 me = Holder(reply["address"], reply["host"], reply["shm_root"])
-                mine = [m for m in reply["manifests"] if m.get("run_id", "") == self.run_id]
-                listed = tag_copies(mine, me)  # never another run's
+                listed = tag_copies(reply, me, self.run_id)  # never another run's
             except (OSError, RuntimeError) as err:
                 self._failed(f"memory tier unavailable for restore: {err}")
         self.restore_skipped = []

@@ -99,9 +99,18 @@ class Keeper:
         """Every complete slot this keeper holds, its node's own and its peers' replicas, and
         where others reach it (a restore on another node fetches byte ranges from here)."""
         host = socket.gethostname() if self.args.bind == "0.0.0.0" else self.args.bind
-        return {"manifests": [m for store in self.stores() for m in store.complete_manifests()],
-                "address": f"{host}:{self.args.port}", "host": socket.gethostname(),
-                "shm_root": str(self.shm_root)}
+        layouts, manifests = {}, []
+        for store in self.stores():
+            with store.lock:
+                for (rank, _), m in sorted(store.manifests.items()):
+                    if m["state"] != "complete" or rank not in store.layouts:
+                        continue
+                    key = f"{store.directory.name}/{rank}"  # each layout once, not per slot
+                    if key not in layouts:
+                        layouts[key] = store.layouts[rank].to_json(header=False)
+                    manifests.append({**m, "layout_key": key})
+        return {"manifests": manifests, "layouts": layouts, "address": f"{host}:{self.args.port}",
+                "host": socket.gethostname(), "shm_root": str(self.shm_root)}
 
     def _serve_read(self, message: dict[str, Any], wfile) -> None:
         """Bytes [offset, offset + length) of a complete slot file of snapshot `step`; an error

@@ -54,9 +54,22 @@ class Holder:
     shm_root: str
 
 
-def tag_copies(manifests: list[dict[str, Any]], holder: Holder) -> list[dict[str, Any]]:
-    return [{**m, "keeper": holder.keeper, "host": holder.host, "shm_root": holder.shm_root}
-            for m in manifests]
+def tag_copies(listing: dict[str, Any], holder: Holder, run_id: str | None = None
+               ) -> dict[str, Any]:
+    """A keeper's `list` reply as this rank contributes it: its copies (of run `run_id`, when
+    given) tagged with where they live; each slot layout once, named by keeper and rank."""
+    manifests = [{**m, "keeper": holder.keeper, "host": holder.host, "shm_root": holder.shm_root,
+                  "layout_key": f"{holder.keeper}/{m['layout_key']}"}
+                 for m in listing["manifests"] if run_id is None or m.get("run_id") == run_id]
+    used = {m["layout_key"] for m in manifests}
+    layouts = {f"{holder.keeper}/{k}": v for k, v in listing["layouts"].items()}
+    return {"manifests": manifests, "layouts": {k: v for k, v in layouts.items() if k in used}}
+
+
+def _with_layouts(contributions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    layouts = {k: v for c in contributions for k, v in c["layouts"].items()}
+    return [{**m, "layout": layouts[m["layout_key"]]} for c in contributions
+            for m in c["manifests"]]
 
 
 def request_problem(index: CheckpointIndex, logical: dict, declared: dict) -> str | None:
@@ -68,7 +81,7 @@ def request_problem(index: CheckpointIndex, logical: dict, declared: dict) -> st
 
 
 def restore_from_memory(
-    listed: list[dict[str, Any]],
+    listed: dict[str, Any] | None,
     me: Holder,
     tensors: dict[str, torch.Tensor],
     newer_than: int,
@@ -77,10 +90,13 @@ def restore_from_memory(
     skipped: list[str] | None = None,
 ) -> MemoryRestore | None:
     """Collective: fill `tensors` from the newest usable memory snapshot newer than
-    `newer_than`. `listed`: the copies this rank's keeper holds (tag_copies), or [] on every
-    rank but one per keeper. Each snapshot found unusable is named (and added to `skipped`)."""
+    `newer_than`. `listed`: the copies this rank's keeper holds (tag_copies), or None on every
+    rank but one per keeper. Each snapshot found unusable is named (and added to `skipped`).
+
+    The gathered metadata is one manifest per slot copy and one layout per rank copy: the
+    size of a checkpoint index (x copies), sent once, not once per rank."""
     gathered = collectives.all_gather_strings(json.dumps(listed), group)
-    manifests = [m for text in gathered for m in json.loads(text)]
+    manifests = _with_layouts([c for text in gathered if (c := json.loads(text)) is not None])
     logical, declared = to_logical(tensors, layouts)
     by_step = copies_by_step(manifests)
     for step, world in sorted(by_step, reverse=True):  # the same order on every rank

@@ -20,6 +20,7 @@ import torch
 from checkpointing.snapshot import SnapshotEngine
 from checkpointing.snapshot.protocol import KeeperClient
 from checkpointing.snapshot.restore import Holder, restore_from_memory, tag_copies
+from checkpointing.snapshot.slots import SlotLayout
 from tests.trainer.runs import REPO
 from trainer.distributed import free_port
 
@@ -36,10 +37,12 @@ class KeeperProcess:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         self.client = KeeperClient(f"127.0.0.1:{port}")
 
-    def listing(self) -> list[dict]:
+    def listing(self) -> dict:
         reply = self.client.request({"cmd": "list"})
-        return tag_copies(reply["manifests"], Holder(reply["address"], reply["host"],
-                                                     reply["shm_root"]))
+        return tag_copies(reply, Holder(reply["address"], reply["host"], reply["shm_root"]))
+
+    def steps(self) -> set[int]:
+        return {m["step"] for m in self.listing()["manifests"]}
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def snapshot_steps(keepers, steps) -> None:
         engine.wait_copied()
     engine.drain()
     engine.close()
-    wait_until(lambda: {m["step"] for m in keepers[1].listing()} >= set(steps[-2:]))
+    wait_until(lambda: keepers[1].steps() >= set(steps[-2:]))
 
 
 def wait_until(condition, timeout: float = 30) -> None:
@@ -84,15 +87,20 @@ def restore(listed, elsewhere: Path, newer_than: int = 0):
 
 def test_restore_fetches_remote_copies_and_retries_another(keepers, tmp_path, capfd):
     snapshot_steps(keepers, [1, 2])
-    listed = keepers[0].listing() + keepers[1].listing()
+    one, two = keepers[0].listing(), keepers[1].listing()
+    # The listing carries each rank's layout once (not per slot) and no safetensors header.
+    assert len(one["layouts"]) == 1 and "header" not in next(iter(one["layouts"].values()))
+    listed = {"manifests": one["manifests"] + two["manifests"],
+              "layouts": {**one["layouts"], **two["layouts"]}}
     found, target, _ = restore(listed, tmp_path / "elsewhere")
     assert found.step == 2 and found.bytes_remote > 0 and found.rank_states == [{"rank": 0}]
     assert all(torch.equal(target[n], TENSORS[n]) for n in TENSORS)
 
     # Damage the copy tried first (sorted by keeper address): the other one serves.
-    first = min(listed, key=lambda m: m["keeper"] if m["step"] == 2 else "~")
+    first = min(listed["manifests"], key=lambda m: m["keeper"] if m["step"] == 2 else "~")
+    entry = listed["layouts"][first["layout_key"]]["entries"][0]
     with open(Path(first["shm_root"]) / first["file"], "r+b") as f:
-        f.seek(first["layout"]["entries"][0]["byte_offset"] + 8)
+        f.seek(entry["byte_offset"] + 8)
         f.write(b"\xff" * 16)
     found, target, _ = restore(listed, tmp_path / "elsewhere")
     assert found.step == 2 and all(torch.equal(target[n], TENSORS[n]) for n in TENSORS)
@@ -107,18 +115,19 @@ def test_restore_fetches_remote_copies_and_retries_another(keepers, tmp_path, ca
 
 def test_a_torn_replica_is_never_used(keepers, tmp_path):
     snapshot_steps(keepers, [1, 2])
-    complete = [m for m in keepers[0].listing() if m["step"] == 2][0]
+    complete = [m for m in keepers[0].listing()["manifests"] if m["step"] == 2][0]
+    layout = SlotLayout.build(TENSORS, set(TENSORS)).to_json()  # what the engine laid out
     # A sender dying mid-replica: step 3's manifest announced, half of its bytes sent. It
     # lands in the slot holding step 1 (the older one), as the real sender's would.
     torn = {**complete, "step": 3, "slot": 1 - complete["slot"]}
     with socket.create_connection(("127.0.0.1", keepers[1].port)) as sock:
         stream = sock.makefile("rwb")
-        message = {"cmd": "replica", "node": 0, "manifest": torn, "layout": complete["layout"]}
+        message = {"cmd": "replica", "node": 0, "manifest": torn, "layout": layout}
         line = json.dumps({**message, "payload": complete["size"]}).encode() + b"\n"
         stream.write(line + b"\0" * (complete["size"] // 2))
         stream.flush()
-    wait_until(lambda: 1 not in {m["step"] for m in keepers[1].listing()})  # being overwritten
-    steps = {m["step"] for m in keepers[1].listing()}
+    wait_until(lambda: 1 not in keepers[1].steps())  # being overwritten
+    steps = keepers[1].steps()
     assert steps == {2}, steps
     found, target, skipped = restore(keepers[1].listing(), tmp_path / "elsewhere")
     assert found.step == 2 and not skipped

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.trainer.runs import REPO, losses, metrics, perennial, tiny_job
+from tests.trainer.test_resume import assert_bitwise_equal, final_weights
 from trainer.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -32,14 +33,15 @@ class Node:
     """One simulated node: a launcher (torchrun agent, workers, keeper) with its own memory."""
 
     def __init__(self, tmp: Path, index: int, nnodes: str, rdzv: int, keeper_ports: list[int],
-                 cache: Path, nproc: int, *extra: str) -> None:
+                 cache: Path, nproc: int, *extra: str, last_call_s: int = 10) -> None:
         self.shm_dir = tmp / f"shm-node{index}"
         peer = keeper_ports[(index + 1) % len(keeper_ports)]
         args = [*tiny_job(tmp / "run", cache, *JOB, *extra), "--nproc", str(nproc),
                 "--nnodes", nnodes, "--node-rank", str(index),
                 "--rdzv-endpoint", f"127.0.0.1:{rdzv}",
                 # Node 0 hosts the rendezvous store (on one host every node would think it may).
-                "--rdzv-conf", f"is_host={int(index == 0)},last_call_timeout=10,join_timeout=60",
+                "--rdzv-conf", f"is_host={int(index == 0)},last_call_timeout={last_call_s},"
+                "join_timeout=60",
                 "--max-restarts", "3",
                 "--keeper-port", str(keeper_ports[index]), "--keeper-peer",
                 f"127.0.0.1:{peer}", "--shm-dir", str(self.shm_dir)]
@@ -82,10 +84,12 @@ def nodes():
 
 
 def start_nodes(tmp: Path, cache: Path, count: int, nproc: int, started: list,
-                *extra: str) -> list[Node]:
+                *extra: str, last_call_s: int = 10) -> list[Node]:
     rdzv, ports = free_port(), [free_port() for _ in range(count)]
-    for index in range(count):  # at once: the first rendezvous waits 10 s for all of them
-        started.append(Node(tmp, index, f"1:{count}", rdzv, ports, cache, nproc, *extra))
+    for index in range(count):  # at once: a rendezvous waits last_call_s for the missing ones
+        started.append(Node(tmp, index, f"1:{count}", rdzv, ports, cache, nproc, *extra,
+                            last_call_s=last_call_s))
+        started[-1].ports = (rdzv, ports)
     # Rank 0 may be on any node (torchrun orders the nodes of a rendezvous by its own rule).
     logs = lambda: "".join(node.log for node in started)  # noqa: E731
     wait_for(lambda: "layout world_size=" in logs() or None, 120, started[0])
@@ -123,10 +127,15 @@ def prepared(tmp_path_factory, data_cache) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, prepared) -> dict[int, float]:
+def four_ranks(tmp_path_factory, prepared) -> Path:
     run_dir = tmp_path_factory.mktemp("four-ranks")
     perennial("train", *tiny_job(run_dir, prepared, *JOB[:3]), "--nproc", "4")
-    return losses(metrics(run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(four_ranks) -> dict[int, float]:
+    return losses(metrics(four_ranks))
 
 
 def test_node_lost_job_goes_on_from_peer_memory(tmp_path, prepared, nodes, uninterrupted):
@@ -168,3 +177,23 @@ def test_two_neighbours_lost_restore_names_missing_boxes_and_uses_disk(tmp_path,
     assert skipped and all(int(s) >= step for s, _, _ in skipped), log
     assert all(int(count) > 0 for _, _, count in skipped), log
     assert max(r["step"] for r in metrics(run_dir) if "loss" in r) == STEPS
+
+
+def test_replacement_node_fetches_its_boxes_from_peer_memory(tmp_path, prepared, nodes,
+                                                           four_ranks):
+    """Node 1 is replaced by a fresh one with empty memory while node 0 waits in the
+    rendezvous: its keeper fetches node 1's slots back from node 0's replica over the keepers'
+    protocol, the job goes on on 2 nodes x 2 ranks from memory and ends bitwise equal to an
+    uninterrupted run."""
+    node0, node1 = start_nodes(tmp_path, prepared, 2, 2, nodes, last_call_s=60)
+    run_dir = tmp_path / "run"
+    wait_for(lambda: logged_step(run_dir) >= 3 or None, 180, node0)
+    node1.kill()
+    rdzv, ports = node0.ports
+    nodes.append(Node(tmp_path, 1, "1:2", rdzv, ports, prepared, 2, last_call_s=60))
+    log = node0.finish() + nodes[-1].finish() + node1.log
+    (source, step), = resumes(log)
+    assert source.startswith("memory:") and step >= 2, log
+    assert "restored 4 slot(s) of this node from the peer replica" in log, log
+    assert log.count("layout world_size=4,") == 2, log  # the restored world is 2 x 2 again
+    assert_bitwise_equal(final_weights(run_dir, tmp_path), final_weights(four_ranks, tmp_path))

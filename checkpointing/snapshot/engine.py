@@ -75,7 +75,8 @@ class SnapshotEngine:
         self._stream = None
         self.last_error: str | None = None
         self.skipped = 0
-        """Snapshots that found no free slot within SLOT_WAIT_S (each also warned about)."""
+        """Snapshots skipped, on every rank alike: some rank found no free slot within
+        SLOT_WAIT_S or could not reach its keeper (each also warned about)."""
         self.slot_wait_s = 0.0
         """Time spent waiting for a free slot (the keeper's work falling behind)."""
         self.restore_skipped: list[str] = []
@@ -152,14 +153,22 @@ class SnapshotEngine:
         self._join_thread()
         if self.disabled or (self.layout is None and not self._set_up_or_disable(tensors)):
             return False
+        problem = None
         try:
             slot = self._free_slot(step)
         except (OSError, RuntimeError) as err:
-            return self._failed(f"snapshot of step {step} skipped: keeper unreachable ({err})")
-        if slot is None:
+            slot, problem = None, f"keeper unreachable ({err})"
+        if slot is None and problem is None:
+            problem = f"no free slot within {SLOT_WAIT_S:.0f} s"
+        # Every rank takes a step's snapshot or none does: a step one rank skipped can never be
+        # restored, and the others' slots would hold it instead of an older, usable one (a
+        # slot begun here and not filled stays `writing`: never used, reused first).
+        problem = collectives.agree_on_problem(problem and f"rank {self.rank}: {problem}",
+                                               self.group)
+        if problem:
             self.skipped += 1
-            return self._failed(f"snapshot of step {step} skipped: no free slot within "
-                                f"{SLOT_WAIT_S:.0f} s ({self.skipped} skipped so far)")
+            return self._failed(f"snapshot of step {step} skipped on every rank: {problem} "
+                                f"({self.skipped} skipped so far)")
         pairs = [(view, local_data(tensors[name]).detach())
                  for name, view in self.views[slot].items()]
         done = {"cmd": "done", "rank": self.rank, "slot": slot, "step": step,

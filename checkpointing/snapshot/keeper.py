@@ -57,6 +57,8 @@ class Keeper:
                                        "persist_error": None, "persist_failures": 0}
         self.peer = PeerLink(args.peer, self.log) if args.peer else None
         self.pending_persist: set[int] = set()
+        self.replica_lock = threading.Lock()
+        self.stopping = False
         for directory in sorted(self.node_dir.glob("replica-node*")):  # adopt peers' replicas
             self._replica_store(int(directory.name.removeprefix("replica-node")))
 
@@ -85,7 +87,10 @@ class Keeper:
             self.join_background_work()
             return {"status": self.status}
         if cmd == "replica":
-            store_replica(self._replica_store(message["node"]), message, rfile)
+            with self.replica_lock:  # a stopping keeper takes no replica it would leave behind
+                if self.stopping:
+                    raise ValueError("keeper is stopping")
+                store_replica(self._replica_store(message["node"]), message, rfile)
             return {"ok": True}
         if cmd == "fetch":
             serve_fetch(self._replica_store(message["node"]), wfile)
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     keeper.log(f"serving {keeper.node_dir} on port {keeper.args.port}")
     stop.wait()
+    with keeper.replica_lock:  # one being received finishes first; later ones are refused
+        keeper.stopping = True
     keeper.persist_newest_on_exit()
     server.shutdown()
     keeper.store.remove_all()

@@ -106,9 +106,10 @@ def test_restore_fetches_remote_copies_and_retries_another(keepers, tmp_path, ca
     assert found.step == 2 and all(torch.equal(target[n], TENSORS[n]) for n in TENSORS)
     assert "checksum mismatch" in capfd.readouterr().err
 
-    # Node 0's keeper is gone: node 1's replica alone serves.
-    keepers[0].proc.send_signal(signal.SIGKILL)
-    keepers[0].proc.wait()
+    # The keeper tried first is gone: the other copy serves.
+    (gone,) = [k for k in keepers if first["keeper"].endswith(f":{k.port}")]
+    gone.proc.send_signal(signal.SIGKILL)
+    gone.proc.wait()
     found, target, _ = restore(listed, tmp_path / "elsewhere")
     assert found.step == 2 and all(torch.equal(target[n], TENSORS[n]) for n in TENSORS)
 

@@ -269,7 +269,7 @@ class VerifyingShardReader(StorageReader):
                     planner.resolve_tensor(item).detach(),
                 )
             )
-        with ShardFiles(self.directory, self.index, self.threads) as files:
+        with self.open_files() as files:
             try:
                 files.read_into(requests)
             except CheckpointDamaged as err:
@@ -281,6 +281,10 @@ class VerifyingShardReader(StorageReader):
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def open_files(self) -> ShardFiles:
+        """Where the bytes come from (a memory restore reads them from the keepers' copies)."""
+        return ShardFiles(self.directory, self.index, self.threads)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:

@@ -26,6 +26,7 @@ from trainer.lifetime import preexec_die_with
 from trainer.run_identity import read_run_id
 
 SHM_BASE = Path(os.environ.get("PERENNIAL_SHM_BASE", "/dev/shm/perennial"))
+"""Where keepers keep their memory unless `perennial train --shm-dir DIR` says otherwise."""
 STOP_TIMEOUT_S = 60.0
 
 
@@ -34,19 +35,37 @@ def job_id(run_dir: str) -> str:
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
 
 
-def shm_root_for(run_dir: str | os.PathLike, run_id: str | None = None) -> Path:
-    """The memory tier's location: the run directory's path and its run id, so a directory
-    deleted and recreated (a new run id) never finds the old run's memory."""
+def shm_root_for(run_dir: str | os.PathLike, run_id: str | None = None,
+                 shm_dir: Path | None = None) -> Path:
+    """The memory tier's location under `shm_dir` (default SHM_BASE): the run directory's
+    path and its run id, so a directory deleted and recreated (a new run id) never finds the
+    old run's memory."""
     run_id = run_id or read_run_id(run_dir) or "none"
-    return SHM_BASE / f"{job_id(str(run_dir))}-{run_id}"
+    return (shm_dir or SHM_BASE) / f"{job_id(str(run_dir))}-{run_id}"
 
 
-def remove_other_runs_memory(run_dir: str | os.PathLike, run_id: str) -> list[Path]:
+def check_shm_dir(value: str) -> Path:
+    """`--shm-dir DIR`: an absolute directory this user can create and write in."""
+    path = Path(value)
+    if not path.is_absolute():
+        raise ValueError(f"--shm-dir must be an absolute path, got {value!r}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--shm-dir {value}: cannot create it ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--shm-dir {value}: not writable by this user")
+    return path
+
+
+def remove_other_runs_memory(run_dir: str | os.PathLike, run_id: str,
+                             shm_dir: Path | None = None) -> list[Path]:
     """Delete memory that earlier runs in this directory path left after a whole-job kill
     (another run id, no live keeper). Returns what was removed."""
     removed = []
-    mine = shm_root_for(run_dir, run_id)
-    for path in sorted(SHM_BASE.glob(f"{job_id(str(run_dir))}*")) if SHM_BASE.is_dir() else []:
+    base = shm_dir or SHM_BASE
+    mine = shm_root_for(run_dir, run_id, base)
+    for path in sorted(base.glob(f"{job_id(str(run_dir))}*")) if base.is_dir() else []:
         if path != mine and path.is_dir() and not keeper_alive(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -69,7 +88,7 @@ class KeeperGroup:
         if simulated < 1 or nproc % simulated:
             raise ValueError(f"--simulated-nodes {simulated} must divide --nproc {nproc}")
         self.run_id = run_id
-        self.shm_root = shm_root_for(cfg.run.dir, run_id)
+        self.shm_root = shm_root_for(cfg.run.dir, run_id, flags.shm_dir)
         self.node_index = flags.node_rank
         num_nodes = max(simulated, int(flags.nnodes.split(":")[0]))
         if simulated == 1 and flags.keeper_port:

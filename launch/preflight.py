@@ -33,7 +33,8 @@ GIB = 2**30
 BYTES_PER_PARAM = 3 * 4  # fp32 weight, exp_avg, exp_avg_sq
 
 
-def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
+def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "",
+              shm_dir: Path | None = None) -> None:
     check_world_size(cfg, nproc, nnodes)
     check_run_dir_writable(cfg.run.dir)
     if cfg.init.from_:
@@ -43,7 +44,7 @@ def preflight(cfg, nproc: int, nnodes: int, rdzv_endpoint: str = "") -> None:
     if rdzv_endpoint:
         check_rendezvous_port(rdzv_endpoint)
     if cfg.checkpoint.memory_snapshots():
-        check_shm_space(cfg, nproc, nproc * nnodes)
+        check_shm_space(cfg, nproc, nproc * nnodes, shm_dir)
     check_data(cfg, nproc * nnodes)
 
 
@@ -191,11 +192,14 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_shm_space(cfg, nproc: int, world_size: int, shm_dir: Path = SHM_DIR) -> None:
-    """This node's snapshot slots (and its peer's replica) must fit in shared memory."""
+def check_shm_space(cfg, nproc: int, world_size: int, shm_dir: Path | None = None) -> None:
+    """This node's snapshot slots (and its peer's replica) must fit in shared memory
+    (`shm_dir`: the keeper's --shm-dir, default /dev/shm)."""
     need = snapshot_bytes_per_node(cfg, nproc, world_size)
+    held = _bytes_under(shm_root_for(cfg.run.dir, None, shm_dir))
+    shm_dir = shm_dir or SHM_DIR
     stat = os.statvfs(shm_dir)
-    free = stat.f_bavail * stat.f_frsize + _bytes_under(shm_root_for(cfg.run.dir))
+    free = stat.f_bavail * stat.f_frsize + held
     if need > free:
         raise ValueError(
             f"{shm_dir} has {format_bytes(free)} free but checkpoint.interval="

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.keepers import KeeperGroup, remove_other_runs_memory
+from launch.keepers import SHM_BASE, KeeperGroup, check_shm_dir, remove_other_runs_memory
 from launch.preflight import preflight
 from launch.torchrun import ENV_VERBOSE
 from trainer.args import parse_job_args
@@ -36,6 +36,12 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keeper-peer", default="",
                         help="host:port of the next node's keeper (checkpoint.replicas=1), or "
                              "'slurm': the next node of $SLURM_JOB_NODELIST at --keeper-port")
+    parser.add_argument("--shm-dir", default=str(SHM_BASE),
+                        help="where this node's keeper keeps the memory snapshots (a tmpfs; "
+                             "default %(default)s)")
+    parser.add_argument("--rdzv-conf", default="",
+                        help="torchrun's rendezvous settings, e.g. last_call_timeout=5 (how long "
+                             "an elastic --nnodes MIN:MAX rendezvous waits for more nodes)")
     # For tests, out of the help: K keepers here, each owning nproc/K ranks.
     parser.add_argument("--simulated-nodes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--fresh", action="store_true",
@@ -59,6 +65,7 @@ def _train(argv: list[str]) -> int:
     flags = args.flags
     if flags.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {flags.nproc}")
+    flags.shm_dir = check_shm_dir(flags.shm_dir)
     cfg = load_config(args.config, args.overrides)
     os.environ[ENV_CONFIG_NOTED] = "1"  # its warnings are printed: the workers stay quiet
     validate_layout(cfg, flags.nproc * _min_nodes(flags.nnodes))
@@ -69,7 +76,10 @@ def _train(argv: list[str]) -> int:
     if flags.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    preflight(cfg, flags.nproc, _min_nodes(flags.nnodes), flags.rdzv_endpoint)
+    # Node 0 hosts the rendezvous store; others (a simulated node on the same host, a node
+    # joining later) find its port taken by design.
+    endpoint = flags.rdzv_endpoint if flags.node_rank == 0 else ""
+    preflight(cfg, flags.nproc, _min_nodes(flags.nnodes), endpoint, flags.shm_dir)
     lock = lock_unless_held(cfg.run.dir, is_rank0=flags.node_rank == 0)
     os.environ[ENV_LOCK_HELD] = str(Path(cfg.run.dir).resolve())
     if flags.fresh:
@@ -83,7 +93,7 @@ def _train(argv: list[str]) -> int:
 
 def _run_job(cfg, flags, args) -> int:
     run_id = ensure_run_id(cfg.run.dir)
-    for path in remove_other_runs_memory(cfg.run.dir, run_id):
+    for path in remove_other_runs_memory(cfg.run.dir, run_id, flags.shm_dir):
         print(f"removed memory snapshots another run left in {cfg.run.dir} ({path})",
               file=sys.stderr)
     keepers = KeeperGroup(cfg, flags.nproc, flags, run_id) if cfg.checkpoint.memory_snapshots() \
@@ -122,6 +132,8 @@ def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
     else:
         cmd += ["--nnodes", flags.nnodes, "--rdzv-backend", "c10d"]
         cmd += ["--rdzv-endpoint", flags.rdzv_endpoint or "localhost:29500"]
+        if getattr(flags, "rdzv_conf", ""):  # callers building flags by hand may omit it
+            cmd += ["--rdzv-conf", flags.rdzv_conf]
     return cmd + ["-m", "trainer", *worker_argv]
 
 

@@ -73,8 +73,10 @@ class Snapshots:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         position = local_rank * len(keepers) // local_world  # simulated nodes split the ranks
         node_index = int(os.environ.get(ENV_NODE_INDEX, 0)) + position
+        first_of_keeper = local_rank == -(-position * local_world // len(keepers))
         return SnapshotEngine(keepers[position], os.environ[ENV_SHM_ROOT], node_index,
-                              layouts=self.layouts, run_id=os.environ.get(ENV_RUN_ID, ""))
+                              layouts=self.layouts, run_id=os.environ.get(ENV_RUN_ID, ""),
+                              lists_node=first_of_keeper)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True

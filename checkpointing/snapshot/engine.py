@@ -13,6 +13,7 @@ as pinned; `wait_copied` only orders the compute stream after it (no host stall)
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from checkpointing import collectives
 from checkpointing.layout import Layout, to_logical
 from checkpointing.snapshot import faults
 from checkpointing.snapshot.protocol import KeeperClient
-from checkpointing.snapshot.restore import MemoryRestore, restore_from_memory
+from checkpointing.snapshot.restore import Holder, MemoryRestore, restore_from_memory, tag_copies
 from checkpointing.snapshot.slots import (
     SLOTS_PER_RANK,
     MappedSlot,
@@ -50,13 +51,20 @@ class SnapshotEngine:
         process_group: dist.ProcessGroup | None = None,
         layouts: Sequence[Layout] = (),
         run_id: str = "",
+        lists_node: bool = True,
     ) -> None:
+        """`lists_node`: this rank speaks for its keeper at restore (one rank per keeper)."""
         self.client = KeeperClient(keeper_address)
         self.run_id = run_id
         self.layouts = tuple(layouts)
         self.shm_root = Path(shm_root)
         self.node_index = node_index
         self.group = process_group
+        self.lists_node = lists_node
+        self.nodes: list[int] = [node_index]
+        """Node indices of this world's keepers (a persist waits for each one's part)."""
+        self.node_ranks = 1
+        """Ranks of this world that use this node's keeper."""
         self.rank = collectives.rank(process_group)
         self.world_size = collectives.world_size(process_group)
         self.layout: SlotLayout | None = None
@@ -67,7 +75,8 @@ class SnapshotEngine:
         self._stream = None
         self.last_error: str | None = None
         self.skipped = 0
-        """Snapshots that found no free slot within SLOT_WAIT_S (each also warned about)."""
+        """Snapshots skipped, on every rank alike: some rank found no free slot within
+        SLOT_WAIT_S or could not reach its keeper (each also warned about)."""
         self.slot_wait_s = 0.0
         """Time spent waiting for a free slot (the keeper's work falling behind)."""
         self.restore_skipped: list[str] = []
@@ -83,8 +92,10 @@ class SnapshotEngine:
             json.dumps({"node": self.node_index, "boxes": mine}), self.group
         )
         holders: dict[tuple[str, str], list[int]] = {}
-        for rank, text in enumerate(everyone):
-            info = json.loads(text)
+        infos = [json.loads(text) for text in everyone]
+        self.nodes = sorted({info["node"] for info in infos})
+        self.node_ranks = sum(info["node"] == self.node_index for info in infos)
+        for rank, info in enumerate(infos):
             if info["node"] != self.node_index:
                 continue
             for name, offsets in info["boxes"].items():
@@ -142,18 +153,27 @@ class SnapshotEngine:
         self._join_thread()
         if self.disabled or (self.layout is None and not self._set_up_or_disable(tensors)):
             return False
+        problem = None
         try:
             slot = self._free_slot(step)
         except (OSError, RuntimeError) as err:
-            return self._failed(f"snapshot of step {step} skipped: keeper unreachable ({err})")
-        if slot is None:
+            slot, problem = None, f"keeper unreachable ({err})"
+        if slot is None and problem is None:
+            problem = f"no free slot within {SLOT_WAIT_S:.0f} s"
+        # Every rank takes a step's snapshot or none does: a step one rank skipped can never be
+        # restored, and the others' slots would hold it instead of an older, usable one (a
+        # slot begun here and not filled stays `writing`: never used, reused first).
+        problem = collectives.agree_on_problem(problem and f"rank {self.rank}: {problem}",
+                                               self.group)
+        if problem:
             self.skipped += 1
-            return self._failed(f"snapshot of step {step} skipped: no free slot within "
-                                f"{SLOT_WAIT_S:.0f} s ({self.skipped} skipped so far)")
+            return self._failed(f"snapshot of step {step} skipped on every rank: {problem} "
+                                f"({self.skipped} skipped so far)")
         pairs = [(view, local_data(tensors[name]).detach())
                  for name, view in self.views[slot].items()]
         done = {"cmd": "done", "rank": self.rank, "slot": slot, "step": step,
-                "global_state": global_state, "rank_state": rank_state, "persist": persist}
+                "global_state": global_state, "rank_state": rank_state, "persist": persist,
+                "nodes": self.nodes, "node_ranks": self.node_ranks}
         if self._stream is not None:
             self._copy_on_side_stream(pairs)
         self._thread = threading.Thread(target=self._copy_then_report, args=(pairs, done),
@@ -231,16 +251,18 @@ class SnapshotEngine:
 
     def restore(self, tensors: dict[str, torch.Tensor], newer_than: int) -> MemoryRestore | None:
         """Collective: load the newest memory snapshot newer than step `newer_than`, if any."""
-        try:
-            local = self.client.request({"cmd": "list"})["manifests"]
-        except (OSError, RuntimeError) as err:
-            self._failed(f"memory tier unavailable for restore: {err}")
-            local = []
-        local = [m for m in local if m.get("run_id", "") == self.run_id]  # never another run's
-        own_dir = f"node{self.node_index}"
+        me = Holder(self.client.address, socket.gethostname(), str(self.shm_root))
+        listed = None
+        if self.lists_node:
+            try:
+                reply = self.client.request({"cmd": "list"})
+                me = Holder(reply["address"], reply["host"], reply["shm_root"])
+                listed = tag_copies(reply, me, self.run_id)  # never another run's
+            except (OSError, RuntimeError) as err:
+                self._failed(f"memory tier unavailable for restore: {err}")
         self.restore_skipped = []
-        return restore_from_memory(local, self.shm_root, own_dir, tensors, newer_than, self.group,
-                                   self.layouts, self.restore_skipped)
+        return restore_from_memory(listed, me, tensors, newer_than, self.group, self.layouts,
+                                   self.restore_skipped)
 
     def drain(self) -> dict[str, Any]:
         """Wait until the keeper has checksummed, replicated and persisted what it has."""

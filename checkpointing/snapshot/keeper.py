@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -56,6 +57,10 @@ class Keeper:
                                        "persist_error": None, "persist_failures": 0}
         self.peer = PeerLink(args.peer, self.log) if args.peer else None
         self.pending_persist: set[int] = set()
+        self.replica_lock = threading.Lock()
+        self.stopping = False
+        for directory in sorted(self.node_dir.glob("replica-node*")):  # adopt peers' replicas
+            self._replica_store(int(directory.name.removeprefix("replica-node")))
 
     def log(self, message: str) -> None:
         print(f"[keeper node{self.args.node_index}] {message}", file=sys.stderr, flush=True)
@@ -74,17 +79,63 @@ class Keeper:
         if cmd == "done":
             return self._done(message)
         if cmd == "list":
-            return {"manifests": self.store.complete_manifests()}
+            return self.listing()
+        if cmd == "read":
+            self._serve_read(message, wfile)
+            return None
         if cmd == "drain":
             self.join_background_work()
             return {"status": self.status}
         if cmd == "replica":
-            store_replica(self._replica_store(message["node"]), message, rfile)
+            with self.replica_lock:  # a stopping keeper takes no replica it would leave behind
+                if self.stopping:
+                    raise ValueError("keeper is stopping")
+                store_replica(self._replica_store(message["node"]), message, rfile)
             return {"ok": True}
         if cmd == "fetch":
             serve_fetch(self._replica_store(message["node"]), wfile)
             return None
         raise ValueError(f"unknown keeper command {cmd!r}")
+
+    def stores(self) -> list[SlotStore]:
+        return [self.store, *self.replica_stores.values()]
+
+    def listing(self) -> dict[str, Any]:
+        """Every complete slot this keeper holds, its node's own and its peers' replicas, and
+        where others reach it (a restore on another node fetches byte ranges from here)."""
+        host = socket.gethostname() if self.args.bind == "0.0.0.0" else self.args.bind
+        layouts, manifests = {}, []
+        for store in self.stores():
+            with store.lock:
+                for (rank, _), m in sorted(store.manifests.items()):
+                    if m["state"] != "complete" or rank not in store.layouts:
+                        continue
+                    key = f"{store.directory.name}/{rank}"  # each layout once, not per slot
+                    if key not in layouts:
+                        layouts[key] = store.layouts[rank].to_json(header=False)
+                    manifests.append({**m, "layout_key": key})
+        return {"manifests": manifests, "layouts": layouts, "address": f"{host}:{self.args.port}",
+                "host": socket.gethostname(), "shm_root": str(self.shm_root)}
+
+    def _serve_read(self, message: dict[str, Any], wfile) -> None:
+        """Bytes [offset, offset + length) of a complete slot file of snapshot `step`; an error
+        when that slot is gone, torn or now holds another step (the reader tries another copy)."""
+        file, step = message["file"], message["step"]
+        for store in self.stores():
+            for (rank, slot), m in list(store.manifests.items()):
+                if store.relative(rank, slot) == file:
+                    if m["state"] != "complete" or m["step"] != step:
+                        break
+                    fd = os.open(store.path(rank, slot), os.O_RDONLY)  # a slot may be recreated
+                    try:
+                        data = os.pread(fd, message["length"], message["offset"])
+                    finally:
+                        os.close(fd)
+                    if len(data) != message["length"]:
+                        break
+                    send(wfile, {"ok": True}, memoryview(data))
+                    return
+        send(wfile, {"error": f"{file}: no complete copy of step {step} here"})
 
     def _done(self, message: dict[str, Any]) -> dict[str, Any]:
         rank, slot = message["rank"], message["slot"]
@@ -92,7 +143,9 @@ class Keeper:
             manifest = self.store.manifests[(rank, slot)]
             assert manifest["step"] == message["step"], f"rank {rank} slot {slot}: step mismatch"
             manifest = {**manifest, "state": "copied", "global_state": message["global_state"],
-                        "rank_state": message["rank_state"], "persist": message["persist"]}
+                        "rank_state": message["rank_state"], "persist": message["persist"],
+                        "nodes": message.get("nodes", list(range(self.args.num_nodes))),
+                        "node_ranks": message.get("node_ranks", self.args.local_ranks)}
             self.store.set_manifest(rank, slot, manifest)
             self.queue_checksum(rank, slot)
         return {"ok": True}
@@ -138,9 +191,15 @@ class Keeper:
                 self.replicas.put((self._replicate, rank, slot, manifest))
         finally:
             self.store.pin(rank, slot, -1)
-        step = manifest["step"]
-        if manifest["persist"] and len(self.store.complete_ranks_at(step)) == self.args.local_ranks:
-            self.queue_persist(step, COMMIT_TIMEOUT_S)
+        if manifest["persist"] and self.all_local_ranks_complete(manifest):
+            self.queue_persist(manifest["step"], COMMIT_TIMEOUT_S)
+
+    def all_local_ranks_complete(self, manifest: dict[str, Any]) -> bool:
+        """Whether every rank of the world that took this manifest's step and uses this keeper
+        has its slot of that step complete (the world may have changed between steps)."""
+        same = [m for m in self.store.complete_ranks_at(manifest["step"])
+                if m["world_size"] == manifest["world_size"]]
+        return len(same) == manifest.get("node_ranks", self.args.local_ranks)
 
     def _replicate(self, rank: int, slot: int, manifest: dict[str, Any]) -> None:
         try:
@@ -153,6 +212,8 @@ class Keeper:
         """Pin the step's slots now, so no newer snapshot reuses them while the persist waits."""
         with self.store.lock:
             manifests = self.store.complete_ranks_at(step)
+            world = max(m["world_size"] for m in manifests)  # one world's slots of the step
+            manifests = [m for m in manifests if m["world_size"] == world]
             for m in manifests:
                 self.store.pin(m["rank"], m["slot"], +1)
         self.persists.put((self.persist, step, manifests, timeout_s))
@@ -162,11 +223,13 @@ class Keeper:
         try:
             with faults.persist_file_size_limit():
                 write_node_part(self.root, self.args.node_index, manifests, self.shm_root)
-            if self.args.node_index == 0:
-                commit_when_complete(self.root, step, self.args.num_nodes, timeout_s)
+            nodes = manifests[0].get("nodes", list(range(self.args.num_nodes)))
+            commits = any(m["rank"] == 0 for m in manifests)
+            if commits:
+                commit_when_complete(self.root, step, nodes, timeout_s)
             self.status.update(persisted_step=step, persist_error=None,
                                persist_seconds=time.perf_counter() - start)
-            if self.args.node_index == 0:
+            if commits:
                 prune(self.root, self.args.keep)  # housekeeping after the commit, not before
                 self.log(f"persisted step {step} to {self.root}")
         except (OSError, TimeoutError, AssertionError) as err:
@@ -196,9 +259,8 @@ class Keeper:
 
     def newest_unpersisted_step(self, due_only: bool) -> int | None:
         """The newest step complete on all local ranks and newer than the newest on disk."""
-        steps = {m["step"] for m in self.store.complete_manifests()
-                 if m.get("persist") or not due_only}
-        full = [s for s in steps if len(self.store.complete_ranks_at(s)) == self.args.local_ranks]
+        full = [m["step"] for m in self.store.complete_manifests()
+                if (m.get("persist") or not due_only) and self.all_local_ranks_complete(m)]
         on_disk = committed_dirs(self.root)
         newest_disk = on_disk[0][0] if on_disk else -1
         return max(full) if full and max(full) > newest_disk else None
@@ -272,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     keeper.log(f"serving {keeper.node_dir} on port {keeper.args.port}")
     stop.wait()
+    with keeper.replica_lock:  # one being received finishes first; later ones are refused
+        keeper.stopping = True
     keeper.persist_newest_on_exit()
     server.shutdown()
     keeper.store.remove_all()

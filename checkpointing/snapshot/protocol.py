@@ -81,6 +81,24 @@ class KeeperClient:
             raise RuntimeError(reply["error"])
         return reply
 
+    def request_into(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
+        """One request whose reply is followed by raw bytes, read into `buffers` in order.
+        No retry: a reader that fails here tries another copy."""
+        with self._lock:
+            try:
+                stream = self._connected(time.monotonic() + self.connect_timeout_s)
+                send(stream, message)
+                reply = receive(stream)
+                if reply is None:
+                    raise ConnectionError(f"keeper {self.address} closed the connection")
+                if "error" in reply:
+                    raise RuntimeError(reply["error"])
+                for buffer in buffers:
+                    read_exactly(stream, buffer)
+            except Exception:
+                self._close()  # the stream may be mid-payload: never reuse it
+                raise
+
     def _connected(self, deadline: float) -> BinaryIO:
         if self._stream is None:
             while True:

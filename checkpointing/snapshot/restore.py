@@ -1,10 +1,11 @@
-"""Restore from the memory tier: agree on the newest step every rank can see complete, then read
-it through the same box logic (DCP planner + verifying reader) as a disk checkpoint.
+"""Restore from the memory tier: agree on the newest step whose every rank's slot some
+surviving keeper holds complete, then read it through the same box logic (DCP planner +
+verifying reader) as a disk checkpoint, into whatever world is restoring.
 
-Each rank lists the complete (checksummed) slots its node's keeper holds; the lists are
-gathered, and a step counts only when the slots of every rank of the world that took it are
-complete. A rank reads boxes from its own node's files first; a box it can only find on another
-node's files (a layout change across real nodes) reads as missing, and all ranks fall back.
+One rank per keeper lists what its keeper holds, the node's own slots and the replicas it keeps
+for its peer; the lists are gathered (every rank sees the same copies, so all agree on the
+step). Each rank reads the boxes it needs from the copy on its own node's keeper if there is
+one, otherwise over the network from another keeper (checkpointing/snapshot/fetch.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from checkpointing import collectives
-from checkpointing.format import CheckpointIndex, SavedBox, SavedTensor, dtype_from_name
+from checkpointing.format import CheckpointIndex, shard_file_name
 from checkpointing.layout import Layout, to_logical, validate_request
-from checkpointing.storage import ShardViewLoadPlanner, VerifyingShardReader
+from checkpointing.snapshot.fetch import Copy, CopyReader
+from checkpointing.snapshot.index import (
+    copies_by_step,
+    index_from_manifests,
+    missing_ranks,
+    state_from_manifests,
+    uncovered_tensors,
+)
+from checkpointing.storage import ShardViewLoadPlanner
 
 
 @dataclass
@@ -32,42 +41,35 @@ class MemoryRestore:
     global_state: dict[str, Any]
     rank_states: list[dict[str, Any]]
     source: str
+    bytes_remote: int = 0
+    """Bytes this rank fetched from other nodes' keepers."""
 
 
-def complete_steps(manifests: list[dict[str, Any]], newer_than: int) -> list[int]:
-    """Steps newer than `newer_than` whose slots are complete for every rank, newest first."""
-    ranks_by_step: dict[int, set[int]] = {}
-    world_by_step: dict[int, int] = {}
-    for m in manifests:
-        ranks_by_step.setdefault(m["step"], set()).add(m["rank"])
-        world_by_step[m["step"]] = m["world_size"]
-    return sorted((s for s, ranks in ranks_by_step.items()
-                   if s > newer_than and ranks == set(range(world_by_step[s]))), reverse=True)
+@dataclass(frozen=True)
+class Holder:
+    """Where the copies a keeper lists live: `local` when this process can read them."""
+
+    keeper: str
+    host: str
+    shm_root: str
 
 
-def build_index(manifests: list[dict[str, Any]], step: int, prefer: str) -> CheckpointIndex:
-    """The index of snapshot `step`; boxes held twice point at files under `prefer` if any."""
-    chosen = sorted((m for m in manifests if m["step"] == step),
-                    key=lambda m: (m["file"].startswith(prefer), m["rank"]))
-    files: dict[str, dict[str, int]] = {}
-    meta: dict[str, tuple] = {}
-    boxes: dict[str, dict[tuple, SavedBox]] = {}
-    for m in chosen:  # later (preferred) entries overwrite earlier ones
-        files[m["file"]] = {"size": m["size"], "header_crc32": m["header_crc32"]}
-        records = m["layout"].get("records", {})
-        for entry, crcs in zip(m["layout"]["entries"], m["crc32"]):
-            name = entry["name"]
-            box = SavedBox(tuple(entry["offsets"]), tuple(entry["sizes"]), m["file"],
-                           entry["byte_offset"], entry["byte_length"], tuple(crcs))
-            meta[name] = (tuple(entry["shape"]), dtype_from_name(entry["dtype"]),
-                          records.get(name))
-            boxes.setdefault(name, {})[box.offsets] = box
-    tensors = {
-        name: SavedTensor(meta[name][0], meta[name][1],
-                          tuple(sorted(b.values(), key=lambda box: box.offsets)), meta[name][2])
-        for name, b in boxes.items()
-    }
-    return CheckpointIndex(step, chosen[0]["world_size"], chosen[0]["block_size"], files, tensors)
+def tag_copies(listing: dict[str, Any], holder: Holder, run_id: str | None = None
+               ) -> dict[str, Any]:
+    """A keeper's `list` reply as this rank contributes it: its copies (of run `run_id`, when
+    given) tagged with where they live; each slot layout once, named by keeper and rank."""
+    manifests = [{**m, "keeper": holder.keeper, "host": holder.host, "shm_root": holder.shm_root,
+                  "layout_key": f"{holder.keeper}/{m['layout_key']}"}
+                 for m in listing["manifests"] if run_id is None or m.get("run_id") == run_id]
+    used = {m["layout_key"] for m in manifests}
+    layouts = {f"{holder.keeper}/{k}": v for k, v in listing["layouts"].items()}
+    return {"manifests": manifests, "layouts": {k: v for k, v in layouts.items() if k in used}}
+
+
+def _with_layouts(contributions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    layouts = {k: v for c in contributions for k, v in c["layouts"].items()}
+    return [{**m, "layout": layouts[m["layout_key"]]} for c in contributions
+            for m in c["manifests"]]
 
 
 def request_problem(index: CheckpointIndex, logical: dict, declared: dict) -> str | None:
@@ -79,9 +81,8 @@ def request_problem(index: CheckpointIndex, logical: dict, declared: dict) -> st
 
 
 def restore_from_memory(
-    local_manifests: list[dict[str, Any]],
-    shm_root: Path,
-    own_dir: str,
+    listed: dict[str, Any] | None,
+    me: Holder,
     tensors: dict[str, torch.Tensor],
     newer_than: int,
     group: dist.ProcessGroup | None = None,
@@ -89,19 +90,26 @@ def restore_from_memory(
     skipped: list[str] | None = None,
 ) -> MemoryRestore | None:
     """Collective: fill `tensors` from the newest usable memory snapshot newer than
-    `newer_than`; each one found unusable is named (and appended to `skipped`)."""
-    gathered = collectives.all_gather_strings(json.dumps(local_manifests), group)
-    manifests = [m for text in gathered for m in json.loads(text)]
-    for step in complete_steps(manifests, newer_than):  # the same list on every rank
-        problem = _load_step(manifests, step, shm_root, own_dir, tensors, group, layouts)
+    `newer_than`. `listed`: the copies this rank's keeper holds (tag_copies), or None on every
+    rank but one per keeper. Each snapshot found unusable is named (and added to `skipped`).
+
+    The gathered metadata is one manifest per slot copy and one layout per rank copy: the
+    size of a checkpoint index (x copies), sent once, not once per rank."""
+    gathered = collectives.all_gather_strings(json.dumps(listed), group)
+    manifests = _with_layouts([c for text in gathered if (c := json.loads(text)) is not None])
+    logical, declared = to_logical(tensors, layouts)
+    by_step = copies_by_step(manifests)
+    for step, world in sorted(by_step, reverse=True):  # the same order on every rank
+        if step <= newer_than:
+            break
+        copies = by_step[(step, world)]
+        problem = _missing(copies, world, step, logical)
         if problem is None:
-            by_rank = {m["rank"]: m for m in manifests if m["step"] == step}
-            return MemoryRestore(
-                step=step,
-                global_state=by_rank[0]["global_state"],
-                rank_states=[by_rank[r]["rank_state"] for r in range(len(by_rank))],
-                source=f"memory snapshot of step {step} ({shm_root})",
-            )
+            problem, remote = _load_step(copies, step, me, logical, declared, group)
+        if problem is None:
+            state = state_from_manifests([c[0] for c in copies.values()], step)
+            return MemoryRestore(step, state["global_state"], state["rank_states"],
+                                 f"memory snapshot of step {step} ({_places(copies)})", remote)
         if collectives.rank(group) == 0:
             print(f"skipping memory snapshot {step}: {problem}", file=sys.stderr, flush=True)
         if skipped is not None:
@@ -109,15 +117,45 @@ def restore_from_memory(
     return None
 
 
-def _load_step(manifests: list[dict[str, Any]], step: int, shm_root: Path, own_dir: str,
-               tensors: dict[str, torch.Tensor], group, layouts: Sequence[Layout]) -> str | None:
-    """Collective: read snapshot `step` into `tensors`; the problem every rank agrees on."""
-    index = build_index(manifests, step, prefer=own_dir + "/")
-    logical, declared = to_logical(tensors, layouts)
+def _missing(copies: dict[int, list], world: int, step: int, logical: dict) -> str | None:
+    """Which boxes no surviving keeper holds complete (the same answer on every rank)."""
+    lost = missing_ranks(copies, world)
+    if not lost:
+        return None
+    index = index_from_manifests([c[0] for c in copies.values()], step)
+    tensors = uncovered_tensors(index, {n: tuple(v.size()) for n, v in logical.items()})
+    shown = ", ".join(repr(t) for t in tensors[:4]) + (" ..." if len(tensors) > 4 else "")
+    return (f"no surviving keeper holds a complete copy of the slots of rank(s) {lost} of "
+            f"{world}; boxes of {len(tensors)} tensor(s) are missing ({shown or 'none'})")
+
+
+def _places(copies: dict[int, list]) -> str:
+    return ", ".join(sorted({c["keeper"] for held in copies.values() for c in held}))
+
+
+def _sources(copies: dict[int, list], me: Holder) -> dict[str, list[Copy]]:
+    """Per shard name, the copies in the order this rank tries them: its own node's first."""
+    sources = {}
+    for rank, held in copies.items():
+        ordered = []
+        for m in held:
+            local = m["host"] == me.host and m["shm_root"] == me.shm_root
+            ordered.append(Copy(m["file"], m["step"], m["keeper"], local))
+        sources[shard_file_name(rank)] = sorted(ordered, key=lambda c: (not c.local, c.keeper))
+    return sources
+
+
+def _load_step(copies, step: int, me: Holder, logical: dict, declared: dict,
+               group) -> tuple[str | None, int]:
+    """Collective: read snapshot `step` into `logical`; the problem every rank agrees on."""
+    index = index_from_manifests([held[0] for held in copies.values()], step)
     problem = collectives.agree_on_problem(request_problem(index, logical, declared), group)
     if problem:
-        return problem
-    reader = VerifyingShardReader(shm_root, index)
+        return problem, 0
+    reader = CopyReader(Path(me.shm_root), index, _sources(copies, me))
     dcp.load(logical, storage_reader=reader, planner=ShardViewLoadPlanner(),
              process_group=group, no_dist=not collectives.is_distributed(group))
-    return collectives.agree_on_problem(reader.damage, group)
+    for copy, why in reader.failed.items():
+        print(f"warning: rank {collectives.rank(group)}: copy {copy.path} on keeper "
+              f"{copy.keeper} unusable ({why}); read another copy", file=sys.stderr, flush=True)
+    return collectives.agree_on_problem(reader.damage, group), reader.bytes_remote

@@ -122,9 +122,11 @@ class SlotLayout:
             offset += nbytes
         return SlotLayout(header, tuple(entries), dict(records or {}))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"header": self.header.hex(), "entries": [e.to_json() for e in self.entries],
-                "records": self.records}
+    def to_json(self, header: bool = True) -> dict[str, Any]:
+        """`header=False`: without the safetensors header (its checksum is in the manifest),
+        as a restore needs it."""
+        out = {"entries": [e.to_json() for e in self.entries], "records": self.records}
+        return {"header": self.header.hex(), **out} if header else out
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> SlotLayout:

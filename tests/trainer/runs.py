@@ -48,3 +48,25 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
+
+
+def finish_copied_run(saved: Path, run_dir: Path, cache_dir: Path, nproc: int, max_steps: int,
+                      *overrides: str) -> list[dict]:
+    """Copy the stopped run `saved` to `run_dir` and train it to `max_steps` (on another layout,
+    when `overrides` say so); its records, every step logged once."""
+    import shutil
+
+    shutil.copytree(saved, run_dir)
+    records = train(run_dir, cache_dir, nproc, *overrides, f"train.max_steps={max_steps}")
+    assert [r["step"] for r in records] == list(range(1, max_steps + 1))
+    return records
+
+
+def assert_same_losses(records: list[dict], reference: list[dict], exact: bool) -> None:
+    """Bitwise equal losses (`exact`: the same layout), else within 1e-3 relative."""
+    import torch
+
+    if exact:
+        assert losses(records) == losses(reference)
+    else:
+        torch.testing.assert_close(losses(records), losses(reference), rtol=1e-3, atol=0)

@@ -1,12 +1,16 @@
 """Expert-parallel checkpoints are layout-free: an ep=2 run resumes bitwise on ep=2 and within
 1e-3 relative on one process without EP (the saved experts are global stacked tensors)."""
 
-import shutil
 
 import pytest
-import torch
 
-from tests.trainer.runs import losses, perennial, tiny_job, train
+from tests.trainer.runs import (
+    assert_same_losses,
+    finish_copied_run,
+    perennial,
+    tiny_job,
+    train,
+)
 
 MOE_JOB = [
     "schedule.total_steps=6",
@@ -35,14 +39,8 @@ def ep2_runs(tmp_path_factory, data_cache):
 )
 def test_expert_parallel_resume(tmp_path, data_cache, ep2_runs, nproc, layout, exact):
     reference, half = ep2_runs
-    run_dir = tmp_path / "run"
-    shutil.copytree(half, run_dir)
-    records = train(run_dir, data_cache, nproc, *MOE_JOB, layout, "train.max_steps=6")
-    assert [r["step"] for r in records] == list(range(1, 7))
-    if exact:
-        assert losses(records) == losses(reference)
-    else:
-        torch.testing.assert_close(losses(records), losses(reference), rtol=1e-3, atol=0)
+    records = finish_copied_run(half, tmp_path / "run", data_cache, nproc, 6, *MOE_JOB, layout)
+    assert_same_losses(records, reference, exact)
     share = records[-1]["moe_expert_share"]
     assert sorted(share) == ["0", "1"] and all(len(row) == 4 for row in share.values())
     assert all(abs(sum(row) - 1) < 1e-3 for row in share.values())

@@ -201,10 +201,15 @@ def test_init_from_and_resume_skip_a_damaged_newest_checkpoint(tmp_path, data_ca
 
 
 def test_shared_memory_too_small_in_fact_turns_the_memory_tier_off(tmp_path, data_cache):
-    with mounted_tmpfs(tmp_path / "shm", "64k") as tiny:
+    """The launcher's check passes (the tmpfs holds the estimate), then something else fills
+    the tmpfs before the first snapshot maps its slots: the run goes on with disk checkpoints."""
+    with mounted_tmpfs(tmp_path / "shm", "16m") as shm:
         run = Run(tmp_path / "run", data_cache, *IN_PROCESS, "train.max_steps=4",
                   "schedule.total_steps=4", "checkpoint.persist_interval=2",
-                  env={"PERENNIAL_SHM_BASE": str(tiny)})
+                  env={"PERENNIAL_SHM_BASE": str(shm), **pause(tmp_path, "step@1:5")})
+        run.wait_for(r"paused in step")  # after step 1; the slots are mapped at step 2
+        free = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize
+        (shm / "filler").write_bytes(b"\0" * (free - 64 * 1024))
         run.proc.wait(timeout=240)
         run.reader.join(timeout=10)
     assert run.proc.returncode == 0, run.log

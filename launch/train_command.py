@@ -132,7 +132,7 @@ def torchrun_command(flags, worker_argv: list[str]) -> list[str]:
     else:
         cmd += ["--nnodes", flags.nnodes, "--rdzv-backend", "c10d"]
         cmd += ["--rdzv-endpoint", flags.rdzv_endpoint or "localhost:29500"]
-        if getattr(flags, "rdzv_conf", ""):  # callers building flags by hand may omit it
+        if flags.rdzv_conf:
             cmd += ["--rdzv-conf", flags.rdzv_conf]
     return cmd + ["-m", "trainer", *worker_argv]
 

@@ -45,7 +45,7 @@ def test_user_errors_are_one_line(capsys, argv, fragment):
 
 def test_torchrun_command_single_and_multi_node():
     class Flags:
-        nproc, max_restarts, nnodes, rdzv_endpoint = 4, 3, "1", ""
+        nproc, max_restarts, nnodes, rdzv_endpoint, rdzv_conf = 4, 3, "1", "", ""
 
     cmd = torchrun_command(Flags, ["job.yaml", "a=1"])
     assert cmd[1:3] == ["-m", "launch.torchrun"] and "--standalone" in cmd

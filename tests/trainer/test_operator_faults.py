@@ -208,7 +208,8 @@ def test_shared_memory_too_small_in_fact_turns_the_memory_tier_off(tmp_path, dat
                   "schedule.total_steps=4", "checkpoint.persist_interval=2",
                   env={"PERENNIAL_SHM_BASE": str(shm), **pause(tmp_path, "step@1:5")})
         run.wait_for(r"paused in step")  # after step 1; the slots are mapped at step 2
-        free = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize
+        stat = os.statvfs(shm)
+        free = stat.f_bavail * stat.f_frsize
         (shm / "filler").write_bytes(b"\0" * (free - 64 * 1024))
         run.proc.wait(timeout=240)
         run.reader.join(timeout=10)

@@ -115,11 +115,15 @@ def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
     return nn.Embedding(vocab_size, dim)
 
 
+def _model_rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+
+
 def _rope_buffers(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    head_dim = cfg.dim // cfg.n_heads
     if _building_on_meta():  # init_buffers computes them
-        return torch.empty(cfg.max_seq_len, head_dim), torch.empty(cfg.max_seq_len, head_dim)
-    return rope_tables(head_dim, cfg.max_seq_len, cfg.rope_theta)
+        shape = (cfg.max_seq_len, cfg.dim // cfg.n_heads)
+        return torch.empty(shape), torch.empty(shape)
+    return _model_rope_tables(cfg)
 
 
 class Llama(nn.Module):
@@ -154,8 +158,7 @@ class Llama(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the RoPE tables in place (after `to_empty` of a meta-device model)."""
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len,
-                               self.cfg.rope_theta)
+        cos, sin = _model_rope_tables(self.cfg)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
